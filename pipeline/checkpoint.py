@@ -1,0 +1,158 @@
+"""Training checkpoints (DeepSpeed, resumable) and EMA exports (safetensors, DeepSpeed-free inference).
+
+Layout inside a run folder:
+  checkpoints/step-0000500/            DeepSpeed model/optimizer/scheduler state (every rank's part),
+                trainer_state-rank00000.pt   per-rank state: EMA shadow, loader position, RNG states,
+                COMPLETE                     written last, by rank 0, after every rank finished writing.
+  export/ema-step-0000500.safetensors  EMA weights + resolved config + model hash in the metadata,
+         latest.safetensors            a copy of the newest export.
+A checkpoint without COMPLETE (a run killed while writing) is never resumed from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, build, to_dict
+from pipeline.io import atomic_write_bytes, atomic_write_text
+
+COMPLETE = "COMPLETE"
+EXPORT_FORMAT = "pipeline-export/1"
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("-")[-1].split(".")[0])
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("step-*") if (p / COMPLETE).is_file()] if root.is_dir() else []
+    return sorted(found, key=step_of)
+
+
+def rank_state_path(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"trainer_state-rank{rank:05d}.pt"
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, keep_last: int) -> Path:
+    """Collective: every rank writes its part; rank 0 marks the checkpoint complete and prunes old ones."""
+    import torch.distributed as dist
+
+    root = Path(run_dir) / "checkpoints"
+    tag = checkpoint_tag(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    buf = _torch_bytes(rank_state)
+    atomic_write_bytes(rank_state_path(root / tag, dist.get_rank()), buf)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step, "world_size": dist.get_world_size()}))
+        for old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return root / tag
+
+
+def load_checkpoint(engine, ckpt: Path, rank: int, world_size: int) -> dict:
+    """Restore DeepSpeed state from `ckpt` and return this rank's trainer state."""
+    info = json.loads((ckpt / COMPLETE).read_text())
+    if info["world_size"] != world_size:
+        raise RuntimeError(
+            f"checkpoint {ckpt} was written by {info['world_size']} ranks, this run has {world_size}: "
+            "resume with the same number of ranks (or start a new run folder)")
+    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
+    return torch.load(rank_state_path(ckpt, rank), map_location="cpu", weights_only=False)
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- exports (inference without DeepSpeed)
+
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short content hash of the weights: generation records it and refuses to mix outputs of two models."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def export_weights(state_dict: dict[str, torch.Tensor], config: Config, step: int, run_dir: Path) -> Path:
+    from safetensors.torch import save
+
+    export_dir = Path(run_dir) / "export"
+    meta = {"format": EXPORT_FORMAT, "config": json.dumps(to_dict(config)), "step": str(step),
+            "model_hash": weights_hash(state_dict)}
+    data = save({k: v.contiguous() for k, v in state_dict.items()}, metadata=meta)
+    path = export_dir / f"ema-{checkpoint_tag(step)}.safetensors"
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(export_dir / "latest.safetensors", data)
+    return path
+
+
+@dataclass
+class Inference:
+    model: torch.nn.Module
+    config: Config
+    step: int
+    model_hash: str
+    path: Path
+
+
+def resolve_export(path: str | Path) -> Path:
+    """An export file, an export folder, a run folder or a checkpoint folder -> the export file to load."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    candidates = [path / "latest.safetensors", path / "export" / "latest.safetensors"]
+    if path.name.startswith("step-"):  # a checkpoint folder: its export sits in the run folder
+        candidates.insert(0, path.parent.parent / "export" / f"ema-{path.name}.safetensors")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"no export found at {path} (looked for: {', '.join(map(str, candidates))}); "
+                            "train first, or pass a .safetensors export")
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> Inference:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pipeline.factory import build_model
+
+    file = resolve_export(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for non-safetensors bytes
+        raise ValueError(f"{file} is not a safetensors export: {exc}") from exc
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{file} is not an export of this pipeline (metadata format {meta.get('format')!r})")
+    from pipeline.config import Config as _Config
+
+    config = build(_Config, json.loads(meta["config"]), prefix="")
+    model = build_model(config)
+    try:
+        model.load_state_dict(load_file(str(file)), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{file}: weights do not match the model its config describes: {exc}") from exc
+    model.to(device).eval()
+    return Inference(model, config, int(meta["step"]), meta["model_hash"], file)

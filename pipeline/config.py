@@ -1,0 +1,174 @@
+"""Run configuration: typed dataclasses, loaded from YAML, overridden by dotted `key=value` arguments.
+
+Validation happens once, at load: an unknown key or a value of the wrong type is a `ConfigError` that names
+the key (and, for a typo, the closest valid key), so a bad run fails before it costs any compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/digits"  # shard folder (with manifest.json) or a brace pattern of .tar files
+    resolution: int = 8  # images are resized/padded to resolution x resolution
+    channels: int = 1
+    hflip: bool = False
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    resampled: bool = False  # infinite stream with replacement (multi-node), instead of exact epochs
+    max_bad_fraction: float = 0.01  # fail when more than this fraction of samples cannot be decoded
+
+
+@dataclass
+class ModelConfig:
+    type: Literal["ddpm", "vae"] = "ddpm"
+    base_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [4])
+    dropout: float = 0.0
+    num_classes: Optional[int] = None  # None: unconditional; else class-conditional with a null class
+    p_uncond: float = 0.1  # label dropout for classifier-free guidance
+    latent_channels: int = 4  # VAE only
+    likelihood: Literal["gaussian", "bernoulli", "discretized"] = "discretized"  # VAE only
+    kl_weight: float = 1.0  # VAE beta
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Literal["linear", "cosine", "sigmoid", "scaled_linear"] = "linear"
+    timesteps: int = 1000
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = 5.0
+    sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"  # for the sample grids written during training
+    sample_steps: int = 50
+    guidance: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    micro_batch: int = 64  # per rank
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0  # set explicitly: DeepSpeed's own default is 1.0 too, but silently
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 0
+    ema_decay: float = 0.999
+    ema_warmup_steps: int = 100  # EMA decay ramps as min(decay, (1 + n) / (10 + n)) over these steps
+    seed: int = 0
+    log_every: int = 20
+    ckpt_every: int = 500
+    keep_last: int = 2
+    sample_every: int = 500  # 0 = only at the end
+    num_sample_images: int = 64
+    loss_backend: Literal["auto", "torch", "triton"] = "auto"  # fused Triton loss on CUDA when auto
+    max_nonfinite: int = 20  # consecutive non-finite steps before stopping with an error
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults) and apply `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    return build(Config, raw, prefix="")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, text = item.split("=", 1)
+    return key.strip(), yaml.safe_load(text) if text.strip() else ""
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def build(cls: type, raw: Any, prefix: str):
+    """Construct dataclass `cls` from a mapping, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = check_value(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def check_value(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, prefix=key + ".")
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return check_value(next(a for a in args if a is not type(None)), value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        return [check_value(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"config key {key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from pipeline.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

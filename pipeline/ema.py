@@ -1,0 +1,74 @@
+"""Exponential moving average of the weights, correct under every ZeRO stage.
+
+Each rank keeps an fp32 shadow of exactly the parameter data it owns: the full tensor at ZeRO 0-2 (parameters
+are replicated there), only its own partition (`param.ds_tensor`) at ZeRO-3. The update is therefore local and
+needs no communication; only `export` gathers, and only when weights are written out.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def local_data(param: torch.nn.Parameter) -> torch.Tensor:
+    """The part of `param` this rank holds: its ZeRO-3 partition if partitioned, else the whole tensor."""
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+
+class EMA:
+    def __init__(self, module: torch.nn.Module, decay: float, warmup_steps: int):
+        self.decay, self.warmup_steps = decay, warmup_steps
+        self.params = [p for p in module.parameters()]
+        self.shadow = [local_data(p).detach().float().clone() for p in self.params]
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        # Early on the average would be dominated by the random initialisation: ramp the decay up.
+        n = self.updates
+        return min(self.decay, (1 + n) / (10 + n)) if n < self.warmup_steps else self.decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = self.current_decay()
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(local_data(p).float(), 1 - d)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.cpu() for s in self.shadow], "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow) or any(
+            a.shape != b.shape for a, b in zip(state["shadow"], self.shadow)
+        ):
+            raise ValueError("EMA state does not match the model's parameters (different model or ZeRO layout)")
+        for s, saved in zip(self.shadow, state["shadow"]):
+            s.copy_(saved)
+        self.updates = state["updates"]
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily put the EMA weights into the module's (local) parameter storage."""
+        saved = [local_data(p).detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                local_data(p).copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for old, p in zip(saved, self.params):
+                    local_data(p).copy_(old)
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 CPU state dict of the whole module, gathering ZeRO-3 partitions when present (collective)."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
+    gather = contextlib.nullcontext()
+    if params:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gather:
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

@@ -1,0 +1,26 @@
+"""Config -> objects: the one place that turns a resolved `Config` into a model and a noise schedule."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import Config
+
+
+def build_model(config: Config) -> torch.nn.Module:
+    m, d = config.model, config.data
+    if m.type == "vae":
+        from pipeline.models.vae import VAE
+
+        return VAE(in_channels=d.channels, base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
+                   latent_channels=m.latent_channels, image_size=d.resolution, likelihood=m.likelihood)
+    from pipeline.models.unet import UNet
+
+    return UNet(in_channels=d.channels, base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
+                num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
+                dropout=m.dropout, num_classes=m.num_classes, image_size=d.resolution)
+
+
+def build_schedule(config: Config):
+    from pipeline.diffusion.schedule import make_schedule
+
+    return make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
