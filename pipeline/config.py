@@ -81,6 +81,7 @@ class TrainConfig:
     num_sample_images: int = 64
     loss_backend: Literal["auto", "torch", "triton"] = "auto"  # fused Triton loss on CUDA when auto
     max_nonfinite: int = 20  # consecutive non-finite steps before stopping with an error
+    fault_nonfinite_steps: list[int] = field(default_factory=list)  # testing aid: make these steps' loss NaN
 
 
 @dataclass

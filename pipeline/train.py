@@ -1,0 +1,451 @@
+"""`python -m pipeline train`: train a DDPM or a VAE through the DeepSpeed engine.
+
+One code path from 1 CPU process (gloo) to N nodes x G GPUs (NCCL): the rank layout comes from the usual
+environment variables (torchrun, `deepspeed`, or the SLURM launcher in `launch/`). Re-running the same command
+resumes from the newest complete checkpoint. On SIGTERM/SIGUSR1/SIGUSR2 the current step finishes, every rank
+checkpoints, and the process exits with EXIT_PREEMPTED so a launcher can requeue it.
+
+Determinism (what makes resume and rank-count equivalence exact): timesteps and label dropout for a step are
+drawn for the GLOBAL batch from a generator seeded by (seed, micro-step), and each rank takes its slice; the
+diffusion noise is counter-based on (seed, micro-step, global sample id). Only dropout uses the torch RNG,
+whose state each rank saves in its checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, ConfigError, load_config, save_config, to_dict
+from pipeline.io import atomic_write_text
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun (requeue) to continue
+NOISE_STREAM_BASE = 1_000_000  # training noise streams; sampling uses 0..steps (see docs/ARCHITECTURE.md)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/tiny.yaml", help="YAML run config (default: configs/tiny.yaml)")
+    p.add_argument("--out", default=None, help="run folder for logs, checkpoints, exports and sample grids "
+                                               "(default: runs/<config name>)")
+    p.add_argument("--resume", default="auto",
+                   help="auto: continue from the newest complete checkpoint in the run folder if there is one "
+                        "(re-running the same command resumes); never: refuse a run folder that has checkpoints; "
+                        "or a path to a checkpoint folder to start from")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. train.steps=200 data.shards=data/fashion")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    run_dir = Path(args.out or f"runs/{config.name}")
+    return Trainer(config, run_dir, resume=args.resume).fit()
+
+
+# ---------------------------------------------------------------- distributed set-up
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed from torchrun-style variables (defaults: 1 process)."""
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:  # a plain single-process run
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(config: Config) -> dict:
+    t = config.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,  # explicit: DeepSpeed 0.19 silently defaults to 1.0
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(config: Config):
+    t = config.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips (and counts) an update whose gradients are not finite on any rank.
+
+    DeepSpeed calls `step()` on every rank at each accumulation boundary, at every ZeRO stage (on the fp32
+    partitions it owns), so the check sees exactly the gradients about to be applied, after clipping.
+    A non-finite loss shows up here too: its backward makes the gradients non-finite.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_skipped = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        import torch.distributed as dist
+
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        finite = torch.tensor([float(all(torch.isfinite(g).all() for g in grads))])
+        if dist.is_initialized():
+            backend_device = grads[0].device if grads and dist.get_backend() == "nccl" else "cpu"
+            finite = finite.to(backend_device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        self.last_skipped = finite.item() < 1
+        if self.last_skipped:
+            return None
+        return super().step(closure)
+
+
+# ---------------------------------------------------------------- the trainer
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path, resume: str = "auto"):
+        import deepspeed
+
+        from pipeline.ema import EMA
+        from pipeline.factory import build_model, build_schedule
+
+        self.config, self.run_dir = config, Path(run_dir)
+        self.rank, self.world, self.device = init_distributed()
+        t = config.train
+        torch.manual_seed(t.seed * 1000 + self.rank)  # dropout only; everything else is counter-based
+        resume_from = self.find_resume_point(resume)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+        model = build_model(config)
+        self.schedule = build_schedule(config).to(self.device) if config.model.type == "ddpm" else None
+        optimizer = GuardedAdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
+                                 weight_decay=t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+        self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config),
+            dist_init_required=False)
+        self.optimizer = optimizer
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+        self.ema = EMA(self.engine.module, t.ema_decay, t.ema_warmup_steps)
+        self.loader = self.build_loader()
+        self.step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
+        self.stop_signal: int | None = None
+        self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
+        if resume_from is not None:
+            self.restore(resume_from)
+
+    # -- set-up helpers
+    def find_resume_point(self, resume: str) -> Path | None:
+        from pipeline.checkpoint import complete_checkpoints
+
+        if resume == "auto" or resume == "never":
+            found = complete_checkpoints(self.run_dir)
+            if found and resume == "never":
+                raise ConfigError(f"{self.run_dir} already holds checkpoints; use --resume auto or a new --out")
+            if found:
+                self.check_same_config()
+            return found[-1] if found else None
+        path = Path(resume)
+        if not (path / "COMPLETE").is_file():
+            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
+        return path
+
+    def check_same_config(self) -> None:
+        """Resuming with a different model/data/diffusion config would silently mix two runs: refuse it."""
+        import yaml
+
+        saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+        now = to_dict(self.config)
+        changeable = {"steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_sample_images",
+                      "max_nonfinite", "loss_backend", "fault_nonfinite_steps"}
+        diffs = [f"{sec}.{k}: {saved[sec].get(k)!r} -> {v!r}" for sec in ("data", "model", "diffusion", "train")
+                 for k, v in now[sec].items() if saved.get(sec, {}).get(k) != v
+                 and not (sec == "train" and k in changeable) and not (sec == "data" and k == "num_workers")]
+        if diffs:
+            raise ConfigError(f"{self.run_dir} holds a run with a different config; resuming would mix them "
+                              f"({'; '.join(diffs)}). Use a new --out, or the original settings.")
+
+    def build_loader(self):
+        from pipeline.data.loader import StreamingLoader
+
+        d, t = self.config.data, self.config.train
+        return StreamingLoader(d.shards, batch_size=t.micro_batch, resolution=d.resolution, channels=d.channels,
+                               seed=t.seed, rank=self.rank, world_size=self.world, num_workers=d.num_workers,
+                               shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, resampled=d.resampled,
+                               max_bad_fraction=d.max_bad_fraction)
+
+    def batches(self):
+        """Micro-batches forever, epoch after epoch (the loader knows its own position)."""
+        while True:
+            produced = False
+            for batch in self.loader:
+                produced = True
+                yield batch
+            if not produced:
+                raise RuntimeError(f"rank {self.rank}: the loader produced no batch from {self.config.data.shards}")
+
+    # -- one optimisation step
+    def step_generator(self, micro_index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + micro_index)
+
+    def micro_loss(self, batch, micro_index: int) -> tuple[torch.Tensor, dict]:
+        x0 = batch.images.to(self.device, self.dtype)
+        b = x0.shape[0]
+        lo, hi = self.rank * b, (self.rank + 1) * b  # this rank's slice of the global micro-batch
+        if self.config.model.type == "vae":
+            loss, metrics = self.engine.module.loss(x0, beta=self.config.model.kl_weight)
+            return loss, {k: float(v) for k, v in metrics.items()}
+        from pipeline.diffusion.losses import training_losses
+
+        d, m = self.config.diffusion, self.config.model
+        g = self.step_generator(micro_index)
+        t = torch.randint(0, d.timesteps, (b * self.world,), generator=g)[lo:hi].to(self.device)
+        y = None
+        if m.num_classes is not None:
+            drop = torch.rand(b * self.world, generator=g)[lo:hi] < m.p_uncond
+            y = torch.where(drop, torch.full_like(batch.labels, m.num_classes), batch.labels).to(self.device)
+        backend = None if self.config.train.loss_backend == "auto" else self.config.train.loss_backend
+        out = training_losses(self.engine, x0, t, self.schedule, seed=self.config.train.seed,
+                              sample_ids=torch.arange(lo, hi, device=self.device),
+                              stream=NOISE_STREAM_BASE + micro_index, prediction=d.prediction, y=y,
+                              weighting=d.weighting, min_snr_gamma=d.min_snr_gamma, backend=backend)
+        return out.loss, {"bucket_sums": out.bucket_sums.detach(), "bucket_counts": out.bucket_counts.detach()}
+
+    def train_step(self, micro_batches) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's loss statistics."""
+        losses, stats = [], []
+        for k, batch in enumerate(micro_batches):
+            loss, extra = self.micro_loss(batch, self.step * self.config.train.grad_accum + k)
+            if self.step + 1 in self.config.train.fault_nonfinite_steps:
+                loss = loss * float("nan")  # fault injection: exercises the non-finite guard end to end
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach().float())
+            stats.append(extra)
+        self.step += 1
+        if self.optimizer.last_skipped:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+        else:
+            self.nonfinite_in_row = 0
+            self.ema.update()
+        return {"loss": torch.stack(losses).mean(), "extra": stats}
+
+    # -- the loop
+    def fit(self) -> int:
+        from tqdm import tqdm
+
+        t = self.config.train
+        self.install_signal_handlers()
+        batches = self.batches()
+        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0, unit="step", dynamic_ncols=True)
+        images_per_step = t.micro_batch * t.grad_accum * self.world
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < t.steps:
+                result = self.train_step([next(batches) for _ in range(t.grad_accum)])
+                window_steps += 1
+                bar.update(1)
+                if self.nonfinite_in_row >= t.max_nonfinite:
+                    self.checkpoint()
+                    raise FloatingPointError(
+                        f"{self.nonfinite_in_row} consecutive steps had a non-finite loss or gradient (step "
+                        f"{self.step}); stopped. The last good state is checkpointed in {self.run_dir}/checkpoints. "
+                        "Lower train.lr, use fp32/bf16 instead of fp16, or check the data.")
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    rate = window_steps * images_per_step / (time.perf_counter() - window_start)
+                    record = self.log(result, rate)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % t.ckpt_every == 0 and self.step < t.steps:
+                    self.checkpoint()
+                if t.sample_every and self.step % t.sample_every == 0 and self.step < t.steps:
+                    self.write_samples()
+                if self.stop_requested():
+                    self.checkpoint()
+                    self.logger.info(f"stopped by signal {self.stop_signal} at step {self.step}; checkpointed, "
+                                     f"exit {EXIT_PREEMPTED} (rerun the same command to resume)")
+                    return EXIT_PREEMPTED
+            self.checkpoint()
+            grid = self.write_samples()
+            if grid is not None:
+                self.logger.info(f"done: {self.step} steps; samples: {grid}; export: {self.run_dir / 'export'}")
+            return 0
+        finally:
+            bar.close()
+            self.logger.close()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.stop_signal = signum  # acted on at the end of the current step, on every rank together
+
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
+
+    def stop_requested(self) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.stop_signal is None:
+            self.stop_signal = -1  # another rank got the signal
+        return flag.item() > 0
+
+    def comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    # -- logging, checkpoints, exports, samples
+    def log(self, result: dict, images_per_s: float) -> dict:
+        import torch.distributed as dist
+
+        loss = result["loss"].to(self.comm_device())
+        dist.all_reduce(loss)
+        record = {"step": self.step, "loss": loss.item() / self.world, "lr": self.lr_scheduler.get_last_lr()[0],
+                  "images_per_s": images_per_s, "nonfinite_skipped": self.nonfinite_total}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        extras = result["extra"]
+        if extras and "bucket_sums" in extras[0]:
+            sums = torch.stack([e["bucket_sums"] for e in extras]).sum(0).to(self.comm_device())
+            counts = torch.stack([e["bucket_counts"] for e in extras]).sum(0).to(self.comm_device())
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+            for q, (s, c) in enumerate(zip(sums.tolist(), counts.tolist())):
+                if c > 0:
+                    record[f"loss_t_q{q}"] = s / c
+        elif extras:
+            record.update({k: sum(e[k] for e in extras) / len(extras) for k in extras[0]})
+        self.logger.write(record)
+        return record
+
+    def rank_state(self) -> dict:
+        return {"step": self.step, "ema": self.ema.state_dict(), "loader": self.loader.state_dict(),
+                "torch_rng": torch.get_rng_state(), "nonfinite_total": self.nonfinite_total,
+                "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
+
+    def checkpoint(self) -> None:
+        from pipeline.checkpoint import save_checkpoint
+
+        save_checkpoint(self.engine, self.run_dir, self.step, self.rank_state(), self.config.train.keep_last)
+        self.export()
+
+    def restore(self, ckpt: Path) -> None:
+        from pipeline.checkpoint import load_checkpoint
+
+        state = load_checkpoint(self.engine, ckpt, self.rank, self.world)
+        self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
+        self.ema.load_state_dict(state["ema"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        self.logger.truncate_after(self.step)  # the steps after the checkpoint will be logged again
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        self.logger.info(f"resumed from {ckpt} at step {self.step}")
+
+    def export(self) -> Path | None:
+        """Write the EMA weights as safetensors (collective under ZeRO-3; rank 0 writes)."""
+        from pipeline.checkpoint import export_weights
+        from pipeline.ema import full_state_dict
+
+        with self.ema.swapped_in():
+            weights = full_state_dict(self.engine.module)
+        if self.rank != 0:
+            return None
+        self.last_export = export_weights(weights, self.config, self.step, self.run_dir)
+        return self.last_export
+
+    def write_samples(self) -> Path | None:
+        """A grid from the EMA weights, sampled from the export (so it shows exactly what was exported)."""
+        path = self.export()
+        if self.rank != 0:
+            return None
+        from pipeline.sample import sample_images
+        from pipeline.checkpoint import load_for_inference
+        from pipeline.images import save_grid
+
+        inference = load_for_inference(path, device=self.device)
+        images = sample_images(inference, num=self.config.train.num_sample_images, seed=self.config.train.seed)
+        grid = save_grid(images, self.run_dir / "samples" / f"step-{self.step:07d}.png")
+        save_grid(images, self.run_dir / "samples" / "latest.png")
+        self.logger.add_image(images, self.step)
+        return grid
+
+
+class RunLogger:
+    """Rank 0's log sinks: `log.jsonl` (one JSON object per logged step) and TensorBoard under `tb/`."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.jsonl = self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.jsonl = open(run_dir / "log.jsonl", "a")
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for k, v in record.items():
+            if k != "step":
+                self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def add_image(self, images: torch.Tensor, step: int) -> None:
+        if self.enabled:
+            from pipeline.images import make_grid
+
+            self.tb.add_image("samples", make_grid(images), step, dataformats="HWC")
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled:
+            return
+        path = Path(self.jsonl.name)
+        self.jsonl.close()
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.jsonl = open(path, "a")
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
