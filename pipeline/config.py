@@ -14,8 +14,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline.errors import PipelineError
 
-class ConfigError(ValueError):
+
+class ConfigError(PipelineError, ValueError):
     """A config file or override that does not match the schema."""
 
 
@@ -160,6 +162,11 @@ def check_value(hint: Any, value: Any, key: str) -> Any:
         return [check_value(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(f"config key {key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
