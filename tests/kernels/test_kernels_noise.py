@@ -1,0 +1,82 @@
+"""The counter-based noise: Philox known answers, agreement with Triton's own generator, statistics and
+invariance to batch composition."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+from kernel_helpers import DEVICE
+
+from kernels.noise import philox4x32, randn
+
+
+@pytest.mark.parametrize("counter, key, expected", [
+    # Known-answer vectors of Philox4x32-10 from Random123 (kat_vectors), independent of this code.
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_known_answers(counter, key, expected):
+    words = philox4x32([torch.tensor([c], dtype=torch.int64) for c in counter], key)
+    assert tuple(int(w) for w in words) == expected
+
+
+@triton.jit
+def _triton_randn4x_kernel(out_ptr, seed, GROUPS: tl.constexpr):
+    group = tl.arange(0, GROUPS)
+    n0, n1, n2, n3 = tl.randn4x(seed, group)
+    tl.store(out_ptr + group * 4, n0)
+    tl.store(out_ptr + group * 4 + 1, n1)
+    tl.store(out_ptr + group * 4 + 2, n2)
+    tl.store(out_ptr + group * 4 + 3, n3)
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**40 + 17])
+def test_reference_matches_triton_randn4x(seed):
+    """Sample id 0 and stream 0 give counter (j // 4, 0, 0, 0): exactly tl.randn4x(seed, j // 4)."""
+    groups = 1024
+    out = torch.full((groups * 4,), float("nan"), device=DEVICE)
+    _triton_randn4x_kernel[(1,)](out, seed, GROUPS=groups)
+    expected = randn(seed, 0, torch.tensor([0], device=DEVICE), (groups * 4,))[0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_statistics_and_no_correlation_across_samples():
+    noise = randn(7, 3, torch.arange(64), (4096,)).double()
+    assert abs(noise.mean().item()) < 4 / (noise.numel() ** 0.5)
+    assert abs(noise.var().item() - 1) < 0.01
+    for lane in range(4):  # each of the four Philox outputs on its own is N(0, 1)
+        lane_values = noise[:, lane::4]
+        assert abs(lane_values.mean().item()) < 0.02 and abs(lane_values.var().item() - 1) < 0.03
+    corr = torch.corrcoef(noise)  # 64 x 64 correlation between samples
+    off_diagonal = corr[~torch.eye(64, dtype=torch.bool)]
+    assert off_diagonal.abs().max().item() < 5 / (4096 ** 0.5)
+    neighbours = torch.corrcoef(torch.stack((noise[:, :-1].flatten(), noise[:, 1:].flatten())))[0, 1]
+    assert abs(neighbours.item()) < 0.01  # adjacent elements (inside a Philox group or across) independent
+    tail = (noise.abs() > 3).double().mean().item()
+    assert 0.0015 < tail < 0.0040  # P(|z| > 3) = 0.0027: the Box-Muller tails are there
+
+
+def test_row_depends_only_on_sample_id_seed_stream():
+    ids = torch.tensor([11, 2**33 + 5, 0, 7])
+    batch = randn(99, 4, ids, (3, 5, 7))
+    for row, sample_id in enumerate(ids):
+        alone = randn(99, 4, sample_id.reshape(1), (3, 5, 7))[0]
+        assert torch.equal(batch[row], alone)
+    reordered = randn(99, 4, ids.flip(0), (3, 5, 7))
+    assert torch.equal(reordered, batch.flip(0))
+    assert not torch.equal(randn(99, 5, ids, (3, 5, 7)), batch)  # another stream
+    assert not torch.equal(randn(98, 4, ids, (3, 5, 7)), batch)  # another seed
+    assert not torch.equal(randn(99 + 2**32, 4, ids, (3, 5, 7)), batch)  # the seed's high word counts
+
+
+def test_shape_is_a_view_of_the_flat_sample():
+    """Element j is the C-order index: the noise of a (3, 5, 7) sample is the flat 105-vector reshaped."""
+    ids = torch.tensor([4, 9])
+    assert torch.equal(randn(1, 2, ids, (3, 5, 7)).reshape(2, -1), randn(1, 2, ids, (105,)))
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64, 1.5])
+def test_bad_seed_is_refused(bad):
+    with pytest.raises(ValueError, match="seed"):
+        randn(bad, 0, torch.tensor([0]), (4,))
