@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from pipeline.evaluation.features import FEATURE_NETS
@@ -49,21 +48,19 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.evaluation.features import feature_net_for
     from pipeline.evaluation.quality import sample_quality
+    from pipeline.evaluation import EvaluationError
     from pipeline.evaluation.shardset import read_image_set
 
-    if args.num < 2:
-        raise SystemExit(f"--num must be at least 2, got {args.num}")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    try:  # bad input (missing folder, malformed manifest, too few samples) -> one clear line, exit 2
-        real = read_image_set(args.real, num=args.num, seed=args.seed)
-        fake = read_image_set(args.fake, num=args.num, seed=args.seed)
-        net = args.features if args.features != "auto" else feature_net_for(
-            real.source, tuple(real.manifest.get("image_size", real.images.shape[-2:])))
-        result = sample_quality(real.images, fake.images, net, knn_k=args.knn_k, real_labels=real.labels,
-                                seed=args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"evaluate: error: {error}", file=sys.stderr)
-        return 2
+    # bad input raises EvaluationError (a PipelineError): pipeline.cli prints it and exits 2
+    real = read_image_set(args.real, num=args.num, seed=args.seed)
+    fake = read_image_set(args.fake, num=args.num, seed=args.seed)
+    net = args.features if args.features != "auto" else feature_net_for(real.source, real.manifest["image_size"])
+    if min(len(real.images), len(fake.images)) <= args.knn_k:
+        raise EvaluationError(f"k-NN precision/recall with --knn-k {args.knn_k} needs more samples than that "
+                              f"in each set (got {len(real.images)} real, {len(fake.images)} fake)")
+    result = sample_quality(real.images, fake.images, net, knn_k=args.knn_k, real_labels=real.labels,
+                            seed=args.seed)
     result.update({"real": str(args.real), "fake": str(args.fake),
                    "real_total": real.total, "fake_total": fake.total, "seed": args.seed})
     print(_format_table(result))

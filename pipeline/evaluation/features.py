@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.evaluation import EvaluationError
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
@@ -70,10 +72,10 @@ def load_feature_net(name: str, weights_dir: Path = WEIGHTS_DIR) -> tuple[ConvCl
     from safetensors.torch import load_file
 
     if name not in FEATURE_NETS:
-        raise ValueError(f"unknown feature network {name!r}; choose one of {sorted(FEATURE_NETS)}")
+        raise EvaluationError(f"unknown feature network {name!r}; choose one of {sorted(FEATURE_NETS)}")
     weights, record = weights_paths(name, weights_dir)
     if not weights.is_file():
-        raise FileNotFoundError(
+        raise EvaluationError(
             f"feature network weights {weights} are missing; train them with "
             f"`python -m pipeline.evaluation.train_classifier --net {name}`")
     net = FEATURE_NETS[name].build()
@@ -81,16 +83,17 @@ def load_feature_net(name: str, weights_dir: Path = WEIGHTS_DIR) -> tuple[ConvCl
     return net.eval(), json.loads(record.read_text())
 
 
-def feature_net_for(source: str | None, image_size: tuple[int, int]) -> str:
-    """Pick the network trained on the same domain: by manifest source, else by image size."""
+def feature_net_for(source: str | dict | None, image_size) -> str:
+    """Pick the network trained on the same domain: by the manifest's source kind, else by image size."""
+    kind = source.get("kind") if isinstance(source, dict) else source
     for spec in FEATURE_NETS.values():
-        if source == spec.source:
+        if kind == spec.source:
             return spec.name
     for spec in FEATURE_NETS.values():
         if tuple(image_size) == (spec.input_size, spec.input_size):
             return spec.name
-    raise ValueError(
-        f"no feature network matches source {source!r} / image size {tuple(image_size)}; "
+    raise EvaluationError(
+        f"no feature network matches source {kind!r} / image size {tuple(image_size)}; "
         f"pass --features one of {sorted(FEATURE_NETS)}")
 
 

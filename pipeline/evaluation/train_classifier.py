@@ -10,11 +10,9 @@ fashionnet: the 60k Fashion-MNIST training images, tested on the official 10k te
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data import ingest, shards
 from pipeline.evaluation.features import FEATURE_NETS, WEIGHTS_DIR, weights_paths
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_DIR = Path(ingest.FASHION_MNIST_DIR)
 TRAINING = {  # net -> (epochs, learning rate, batch size)
     "digitsnet": (40, 2e-3, 64),
     "fashionnet": (2, 1e-3, 64),
@@ -32,34 +31,27 @@ TRAINING = {  # net -> (epochs, learning rate, batch size)
 
 
 def load_digits_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 (N, 1, 8, 8) images scaled 0..16 -> 0..255 as ingest writes them, stratified 75/25 split."""
+    """uint8 (N, 1, 8, 8) images, mapped 0..16 -> 0..255 exactly as `prepare` writes them; stratified 75/25."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    images = ingest.digits_to_uint8(digits.images)[:, None]
     x_tr, x_te, y_tr, y_te = train_test_split(
         images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
     return x_tr, y_tr, x_te, y_te
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST container): big-endian dims after a 4-byte magic whose last byte is ndim."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4)
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()  # writable
-
-
-def load_fashion_split(root: Path = FASHION_DIR) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    if not (root / "train-images-idx3-ubyte.gz").is_file():
-        raise FileNotFoundError(f"Fashion-MNIST not found under {root}; run "
-                                "`apt-get install -y dataset-fashion-mnist`")
-    parts = [read_idx(root / f"{split}-{kind}-idx{n}-ubyte.gz")
-             for split in ("train", "t10k") for kind, n in (("images", 3), ("labels", 1))]
-    x_tr, y_tr, x_te, y_te = parts
-    return x_tr[:, None], y_tr, x_te[:, None], y_te
+def load_fashion_split(root: str | Path = FASHION_DIR) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The official 60k/10k Fashion-MNIST split as uint8 (N, 1, 28, 28) images and int64 labels."""
+    folder = Path(root)
+    parts = []
+    for split in ("train", "test"):
+        prefix = ingest.IDX_PREFIX[split]
+        images = ingest.read_idx(ingest.find_idx(folder, f"{prefix}-images-idx3-ubyte"))
+        labels = ingest.read_idx(ingest.find_idx(folder, f"{prefix}-labels-idx1-ubyte"))
+        parts += [images[:, None].copy(), labels.astype(np.int64)]  # copy: frombuffer arrays are read-only
+    return tuple(parts)
 
 
 @torch.no_grad()
@@ -88,16 +80,9 @@ def train(name: str, seed: int, x_tr: np.ndarray, y_tr: np.ndarray) -> torch.nn.
     return net.eval()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shipped files must be readable by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def write_shipped_file(path: Path, data: bytes) -> None:
+    shards.atomic_write_bytes(path, data)
+    path.chmod(0o644)  # the temporary file was 0600; shipped files must be readable by everyone
 
 
 def save(name: str, net: torch.nn.Module, record: dict, out_dir: Path) -> None:
@@ -106,9 +91,9 @@ def save(name: str, net: torch.nn.Module, record: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_file, record_file = weights_paths(name, out_dir)
     blob = save({k: v.contiguous() for k, v in net.state_dict().items()})
-    atomic_write_bytes(weights_file, blob)
+    write_shipped_file(weights_file, blob)
     record = {**record, "weights_sha256": hashlib.sha256(blob).hexdigest(), "weights_bytes": len(blob)}
-    atomic_write_bytes(record_file, (json.dumps(record, indent=2) + "\n").encode())
+    write_shipped_file(record_file, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,36 +1,24 @@
 """Real data and real shard sets for the evaluation tests."""
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.data import shards
 
-def write_shard_set(folder: Path, images: np.ndarray, labels: np.ndarray, source: str, per_shard: int = 500):
-    """A shard set as ARCHITECTURE.md "Shard format" describes it, written with webdataset's TarWriter."""
-    import webdataset as wds
-    from PIL import Image
 
-    folder.mkdir(parents=True)
-    shards = []
-    for shard_index, start in enumerate(range(0, len(images), per_shard)):
-        name = f"shard-{shard_index:06d}.tar"
-        with wds.TarWriter(str(folder / name)) as sink:
-            for i in range(start, min(start + per_shard, len(images))):
-                png = io.BytesIO()
-                Image.fromarray(images[i, 0]).save(png, format="PNG")
-                sink.write({"__key__": f"{i:09d}", "png": png.getvalue(), "cls": str(int(labels[i])),
-                            "json": json.dumps({"source_index": i})})
-        shards.append({"name": name, "num_samples": min(per_shard, len(images) - start),
-                       "bytes": (folder / name).stat().st_size, "sha256": ""})
-    manifest = {"format": "webdataset-png-v1", "source": source, "image_size": list(images.shape[-2:]),
-                "channels": 1, "class_names": [str(c) for c in range(10)], "num_samples": len(images),
-                "shards": shards}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+def write_shard_set(folder: Path, images: torch.Tensor, labels: torch.Tensor, source: dict,
+                    per_shard: int = 400) -> Path:
+    """uint8 images (N, 1, H, W) as a shard set, through the project's ShardWriter and manifest."""
+    with shards.ShardWriter(folder, max_count=per_shard) as writer:
+        for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist())):
+            writer.add(shards.make_sample(i, shards.encode_png(image[0]), label, {"source_index": i}))
+    manifest = shards.make_manifest(source=source, image_size=images.shape[-2:], channels=1,
+                                    class_names=[str(c) for c in range(10)], shards=writer.records)
+    shards.write_manifest(folder, manifest)
     return folder
 
 
