@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from pipeline.data import shards
+from pipeline.errors import PipelineError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -42,7 +43,7 @@ OWN_FILE = re.compile(r"^(shard-\d{6}\.tar|\.shard-\d{6}\.tar\..*\.tmp|\.manifes
 SOURCES = ("digits", "fashion-mnist", "folder", "npz")
 
 
-class PrepareError(ValueError):
+class PrepareError(PipelineError, ValueError):
     """Bad input to `prepare`: the message names what is wrong."""
 
 
@@ -352,13 +353,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        manifest, wrote = prepare(args.source, args.out, path=args.path, split=args.split,
-                                  shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes,
-                                  overwrite=args.overwrite, progress=not args.no_progress)
-    except (PrepareError, shards.ManifestError) as exn:
-        print(f"prepare: error: {exn}", file=sys.stderr)
-        return 2
+    # PrepareError/ManifestError are PipelineErrors: the CLI prints them without a traceback (status 2).
+    manifest, wrote = prepare(args.source, args.out, path=args.path, split=args.split,
+                              shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes,
+                              overwrite=args.overwrite, progress=not args.no_progress)
     h, w = manifest["image_size"]
     what = (f"{manifest['num_samples']} samples ({h}x{w}, {manifest['channels']} channel(s), "
             f"{len(manifest['class_names'])} classes) in {len(manifest['shards'])} shard(s) in {args.out}")

@@ -24,6 +24,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from pipeline.errors import PipelineError
+
 FORMAT = "webdataset-png-v1"
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-%06d.tar"
@@ -35,7 +37,7 @@ REQUIRED_MANIFEST_KEYS = ("format", "source", "image_size", "channels", "class_n
 REQUIRED_SHARD_KEYS = ("name", "num_samples", "bytes", "sha256")
 
 
-class ManifestError(ValueError):
+class ManifestError(PipelineError, ValueError):
     """A shard folder's manifest is missing, unreadable or incomplete."""
 
 

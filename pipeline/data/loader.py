@@ -1,0 +1,478 @@
+"""Streaming loader over the shard format: split by node and worker, seeded shuffle, exact resume.
+
+How a stream is built. The shards are the *units of reading*; the (rank, worker) pairs are the *units of
+work* (`units = world_size * workers`, unit = rank * workers + worker). For epoch e:
+- finite mode: the shard list is permuted by (seed, e), the same on every rank. With at least as many
+  shards as units, unit u reads shards u, u+units, ... of that order. With fewer shards than units (a small
+  data set on many ranks x workers), every unit reads every shard and keeps the samples whose position in
+  the epoch's stream is u modulo units, so no unit idles and every sample is still seen exactly once.
+- resampled mode (`resampled=True`, for multi-node training): each unit draws ceil(shards/units) shards
+  with replacement, seeded by (seed, e, unit), and goes on to epoch e+1 by itself: an infinite stream.
+Each unit then shuffles its samples through a buffer seeded by (seed, e, unit), decodes them, and emits
+batches; torch's DataLoader merges the workers round-robin.
+
+Resume. A batch carries its worker's position: how many raw samples it has taken from its shuffled
+stream. `state_dict()` records, per worker, the position of the last batch handed out, and which worker
+comes next. Restoring rebuilds each worker's stream for its epoch, skips that many raw samples (reading
+the tar, not decoding) and starts DataLoader's round-robin at the right worker, so the batches that follow
+are exactly those an uninterrupted run would have produced (for the same world size and worker count).
+
+Bad data. An undecodable sample (or one lacking its png/cls) is skipped and logged with its key; a shard
+that is truncated or unreadable counts its missing samples (from the manifest) as bad. More bad than
+`max_bad_fraction` of the samples raises TooManyBadSamples.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline.data import shards as shard_format
+from pipeline.errors import PipelineError
+
+logger = logging.getLogger(__name__)
+FITS = ("resize", "pad")
+STATE_VERSION = 1
+MIN_SAMPLES_FOR_RUNNING_CHECK = 1000  # when the expected count is unknown, wait this long before judging
+
+
+class LoaderError(PipelineError, ValueError):
+    """The loader cannot start: a path or pattern matching nothing, or a bad argument."""
+
+
+class TooManyBadSamples(PipelineError, RuntimeError):
+    """More than `max_bad_fraction` of the samples were corrupt, undecodable or lost to truncated shards."""
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # float32 (B, C, H, W) in [-1, 1]
+    labels: torch.Tensor  # int64 (B,), -1 for unlabeled samples
+    keys: list[str]  # the samples' keys (global sample ids, `%09d`)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    num_samples: int | None  # from the manifest; None when no manifest lists the shard
+
+
+# ---------------------------------------------------------------- finding shards
+def resolve_shards(path: str | os.PathLike) -> list[ShardInfo]:
+    """Shards of a folder (from its manifest) or of a brace/glob pattern; a clear error if none exist."""
+    path = str(path)
+    if os.path.isdir(path):
+        manifest = shard_format.read_manifest(path)
+        found = [ShardInfo(os.path.join(path, r["name"]), int(r["num_samples"])) for r in manifest["shards"]]
+        missing = [s.path for s in found if not os.path.isfile(s.path)]
+        if missing:
+            raise LoaderError(f"{len(missing)} shard(s) listed in {path}/manifest.json are missing, e.g. {missing[0]}")
+        if not found:
+            raise LoaderError(f"the manifest in {path} lists no shards")
+        return found
+    names = expand_pattern(path)
+    return [ShardInfo(name, counts_from_manifest(name)) for name in names]
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    names, missing = [], []
+    for expanded in braceexpand.braceexpand(pattern):
+        if glob.has_magic(expanded):
+            names += sorted(glob.glob(expanded))
+        elif os.path.isfile(expanded):
+            names.append(expanded)
+        else:
+            missing.append(expanded)
+    if not names:
+        raise LoaderError(f"shard pattern {pattern!r} matches no file (give a shard folder with manifest.json, "
+                          "or a pattern such as DIR/shard-{000000..000009}.tar)")
+    if missing:
+        raise LoaderError(f"shard pattern {pattern!r}: {len(missing)} file(s) do not exist, e.g. {missing[0]}")
+    return names
+
+
+def counts_from_manifest(shard_path: str) -> int | None:
+    """The shard's sample count when a manifest beside it lists it (used to count truncation losses)."""
+    folder = os.path.dirname(shard_path) or "."
+    try:
+        manifest = shard_format.read_manifest(folder)
+    except shard_format.ManifestError:
+        return None
+    counts = {r["name"]: int(r["num_samples"]) for r in manifest["shards"]}
+    return counts.get(os.path.basename(shard_path))
+
+
+# ---------------------------------------------------------------- decoding
+def decode_image(png: bytes, resolution: int, channels: int, fit: str = "resize") -> np.ndarray:
+    """PNG bytes -> uint8 (C, H, W) at `resolution` with `channels` (1 = L, 3 = RGB).
+
+    An image already at the resolution and channel count comes back bit-exact. `fit="resize"` scales
+    the shorter side to the resolution (bicubic) and centre-crops; `fit="pad"` centre-pads with black
+    (or centre-crops when larger) without resampling.
+    """
+    with Image.open(io.BytesIO(png)) as img:
+        img.load()
+        img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (resolution, resolution):
+        img = resize_and_crop(img, resolution) if fit == "resize" else pad_or_crop(img, resolution)
+    array = np.asarray(img, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def resize_and_crop(img: Image.Image, size: int) -> Image.Image:
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def pad_or_crop(img: Image.Image, size: int) -> Image.Image:
+    canvas = Image.new(img.mode, (size, size), 0)
+    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))  # negative offsets crop
+    return canvas
+
+
+def flip_this(seed: int, epoch: int, key: str) -> bool:
+    """Seeded coin per (seed, epoch, sample key): independent of rank, worker and batch layout."""
+    return hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=1).digest()[0] & 1 == 1
+
+
+def seeded_rng(*parts: Any) -> random.Random:
+    # A str seed is hashed with sha512 by `random`: stable across processes and PYTHONHASHSEED.
+    return random.Random(":".join(map(str, parts)))
+
+
+# ---------------------------------------------------------------- planning an epoch
+@dataclass
+class UnitPlan:
+    """What one (rank, worker) unit reads in one epoch."""
+
+    shards: list[ShardInfo]
+    reports: list[bool]  # whether this unit reports the read errors of each shard (one unit per shard does)
+    sample_split: tuple[int, int] | None = None  # (units, unit): keep stream positions == unit mod units
+
+    def expected(self) -> int | None:
+        counts = [s.num_samples for s in self.shards]
+        if None in counts:
+            return None
+        if self.sample_split is None:
+            return sum(counts)
+        units, unit = self.sample_split
+        return len(range(unit, sum(counts), units))
+
+
+def plan_unit(shards: list[ShardInfo], *, seed: int, epoch: int, unit: int, units: int,
+              resampled: bool) -> UnitPlan:
+    if resampled:
+        rng = seeded_rng(seed, epoch, unit, "resample")
+        picks = [shards[rng.randrange(len(shards))] for _ in range(math.ceil(len(shards) / units))]
+        return UnitPlan(picks, [True] * len(picks))
+    order = list(range(len(shards)))
+    seeded_rng(seed, epoch, "shard-order").shuffle(order)
+    if len(shards) >= units:
+        mine = [shards[i] for i in order[unit::units]]
+        return UnitPlan(mine, [True] * len(mine))
+    reports = [position % units == unit for position in range(len(order))]
+    return UnitPlan([shards[i] for i in order], reports, (units, unit))
+
+
+# ---------------------------------------------------------------- one unit's stream (runs in a worker)
+@dataclass
+class BadEvent:
+    key: str
+    reason: str
+    count: int  # samples lost (a truncated shard loses several)
+    epoch: int
+    at: int  # raw samples the unit had taken from its shuffled stream of that epoch when this happened
+
+
+@dataclass
+class Item:
+    """What a worker sends: a batch (maybe empty) plus its position and the bad samples met since the last."""
+
+    worker: int
+    epoch: int
+    consumed: int
+    done: bool
+    images: torch.Tensor | None
+    labels: torch.Tensor | None
+    keys: list[str]
+    bad: list[BadEvent] = field(default_factory=list)
+
+
+@dataclass
+class Progress:
+    """A unit's position: its epoch and the raw samples taken from that epoch's shuffled stream."""
+
+    epoch: int
+    consumed: int = 0
+
+
+def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress) -> Iterator[dict[str, Any]]:
+    """Raw samples of the plan's shards, in order; read failures become BadEvents (not exceptions)."""
+    position = 0
+    for shard, reports in zip(plan.shards, plan.reports):
+        read = 0
+        try:
+            with open(shard.path, "rb") as stream:
+                for sample in group_by_keys(tar_file_expander([{"url": shard.path, "stream": stream}])):
+                    read += 1
+                    if plan.sample_split is None or position % plan.sample_split[0] == plan.sample_split[1]:
+                        yield sample
+                    position += 1
+        except Exception as exn:  # tarfile/OS/gzip errors all mean the same: the rest of this shard is lost
+            if reports:
+                lost = max(1, shard.num_samples - read) if shard.num_samples is not None else 1
+                reason = f"truncated or unreadable after {read} sample(s): {type(exn).__name__}: {exn}"
+                events.append(BadEvent(os.path.basename(shard.path), reason, lost, progress.epoch,
+                                       progress.consumed))
+
+
+@dataclass
+class StreamConfig:
+    shards: list[ShardInfo]
+    batch_size: int
+    resolution: int
+    channels: int
+    fit: str
+    seed: int
+    rank: int
+    world_size: int
+    workers: int  # logical workers per rank (1 when num_workers == 0)
+    shuffle_buffer: int
+    hflip: bool
+    resampled: bool
+
+
+class UnitStream(torch.utils.data.IterableDataset):
+    """The per-worker iterable handed to DataLoader: each worker plays one logical worker.
+
+    `rotation` shifts DataLoader worker i to logical worker (i + rotation) % workers, so a resumed run's
+    round-robin starts at the worker that was due next.
+    """
+
+    def __init__(self, config: StreamConfig, positions: list[dict[str, Any]], rotation: int):
+        super().__init__()
+        self.config, self.positions, self.rotation = config, positions, rotation
+
+    def __iter__(self) -> Iterator[Item]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else (info.id + self.rotation) % self.config.workers
+        start = self.positions[worker]
+        if start["done"]:
+            return
+        resume = (start["epoch"], start["consumed"])
+        progress, events = Progress(start["epoch"]), []
+        images, labels, keys = [], [], []
+
+        def emit(done: bool) -> Item:
+            # Events before the restored position were already counted by the run that saved it.
+            fresh = [e for e in events if (e.epoch, e.at) >= resume]
+            events.clear()
+            batch = torch.from_numpy(np.stack(images)).float().div_(127.5).sub_(1.0) if keys else None
+            label_tensor = torch.tensor(labels, dtype=torch.int64) if keys else None
+            return Item(worker, progress.epoch, progress.consumed, done, batch, label_tensor, list(keys), fresh)
+
+        for image, label, key in self.unit_samples(worker, resume, progress, events):
+            images.append(image), labels.append(label), keys.append(key)
+            if len(keys) == self.config.batch_size:
+                yield emit(done=False)
+                images, labels, keys = [], [], []
+        yield emit(done=True)  # finite only: the partial last batch, the tail's bad samples, "done"
+
+    def unit_samples(self, worker: int, resume: tuple[int, int], progress: Progress,
+                     events: list[BadEvent]) -> Iterator[tuple[np.ndarray, int, str]]:
+        """Decoded samples of this unit from the resume position on; one epoch, or forever if resampled."""
+        c = self.config
+        unit, units = c.rank * c.workers + worker, c.world_size * c.workers
+        skip = resume[1]
+        while True:
+            plan = plan_unit(c.shards, seed=c.seed, epoch=progress.epoch, unit=unit, units=units,
+                             resampled=c.resampled)
+            raw = read_plan(plan, events, progress)
+            if c.shuffle_buffer > 1:
+                raw = wds.filters.shuffle(c.shuffle_buffer, initial=c.shuffle_buffer,
+                                          rng=seeded_rng(c.seed, progress.epoch, unit, "buffer"))(raw)
+            good = 0
+            for sample in raw:
+                progress.consumed += 1
+                if progress.consumed <= skip:
+                    continue  # replaying up to the restored position: read, not decoded
+                try:
+                    image, label = self.decode(sample, progress.epoch)
+                except Exception as exn:  # a sample that fails to decode costs that sample only
+                    events.append(BadEvent(sample.get("__key__", "?"), f"{type(exn).__name__}: {exn}", 1,
+                                           progress.epoch, progress.consumed - 1))
+                    continue
+                good += 1
+                yield image, label, sample["__key__"]
+            if not c.resampled:
+                return
+            if good == 0 and skip == 0:  # else an infinite stream would spin without ever yielding
+                raise TooManyBadSamples(f"rank {c.rank} worker {worker}: resampled epoch {progress.epoch} "
+                                        f"yielded no good sample; bad: {events[:3]}")
+            progress.epoch, progress.consumed, skip = progress.epoch + 1, 0, 0
+
+    def decode(self, sample: dict[str, Any], epoch: int) -> tuple[np.ndarray, int]:
+        c = self.config
+        if "png" not in sample:
+            raise KeyError(f"no png member (has {sorted(k for k in sample if not k.startswith('__'))})")
+        image = decode_image(sample["png"], c.resolution, c.channels, c.fit)
+        if c.hflip and flip_this(c.seed, epoch, sample["__key__"]):
+            image = np.ascontiguousarray(image[:, :, ::-1])
+        label = int(sample["cls"].decode()) if "cls" in sample else -1
+        return image, label
+
+
+def _identity(item: Item) -> Item:
+    return item
+
+
+# ---------------------------------------------------------------- the loader
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else RANK/WORLD_SIZE from the environment, else torch.distributed, else (0, 1)."""
+    if rank is None and "RANK" in os.environ:
+        rank = int(os.environ["RANK"])
+    if world_size is None and "WORLD_SIZE" in os.environ:
+        world_size = int(os.environ["WORLD_SIZE"])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank() if rank is None else rank
+        world_size = torch.distributed.get_world_size() if world_size is None else world_size
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise LoaderError(f"rank {rank} is outside world size {world_size}")
+    return rank, world_size
+
+
+class StreamingLoader:
+    """Iterate `Batch`es from a shard folder or pattern; one finite epoch per `iter()` unless resampled.
+
+    Iterating a finite loader yields the rest of the current epoch, then moves to the next epoch; breaking
+    out mid-epoch and iterating again continues where it stopped. `state_dict()` / `load_state_dict()`
+    save and restore that position exactly. A resampled loader never ends.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, batch_size: int, resolution: int, channels: int,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+                 shuffle_buffer: int = 1000, hflip: bool = False, resampled: bool = False,
+                 max_bad_fraction: float = 0.01, fit: str = "resize"):
+        if batch_size < 1 or resolution < 1 or channels not in (1, 3) or num_workers < 0:
+            raise LoaderError(f"need batch_size >= 1, resolution >= 1, channels 1 or 3, num_workers >= 0; got "
+                              f"{batch_size}, {resolution}, {channels}, {num_workers}")
+        if fit not in FITS or not 0 <= max_bad_fraction <= 1:
+            raise LoaderError(f"fit must be one of {FITS} and max_bad_fraction in [0, 1]; got {fit!r}, "
+                              f"{max_bad_fraction}")
+        rank, world_size = resolve_rank(rank, world_size)
+        self.num_workers = num_workers
+        self.max_bad_fraction = max_bad_fraction
+        self.config = StreamConfig(resolve_shards(path), batch_size, resolution, channels, fit, seed, rank,
+                                   world_size, max(1, num_workers), shuffle_buffer, hflip, resampled)
+        self.epoch = 0
+        self._reset_positions(0)
+
+    # ------------------------------------------------------------ position
+    def _reset_positions(self, epoch: int) -> None:
+        self.positions = [{"epoch": epoch, "consumed": 0, "done": False} for _ in range(self.config.workers)]
+        self.next_worker = 0
+        self.good = self.bad = 0  # per epoch (finite) or since the start (resampled)
+        self._expected_count = self._expected()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "positions": [dict(p) for p in self.positions],
+                "next_worker": self.next_worker, "good": self.good, "bad": self.bad,
+                "layout": self._layout()}
+
+    def _layout(self) -> dict[str, Any]:
+        """What must match for a saved position to mean the same batches."""
+        c = self.config
+        return {"seed": c.seed, "rank": c.rank, "world_size": c.world_size, "workers": c.workers,
+                "batch_size": c.batch_size, "shuffle_buffer": c.shuffle_buffer, "resampled": c.resampled,
+                "num_shards": len(c.shards)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise LoaderError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        self.epoch = int(state["epoch"])
+        if state["layout"] != self._layout():
+            # Another world size or worker count cannot replay the same batches: restart the saved epoch.
+            logger.warning("loader layout changed since the checkpoint (%s -> %s): restarting epoch %d from its "
+                           "start", state["layout"], self._layout(), self.epoch)
+            self._reset_positions(self.epoch)
+            return
+        self.positions = [dict(p) for p in state["positions"]]
+        self.next_worker, self.good, self.bad = state["next_worker"], state["good"], state["bad"]
+        self._expected_count = self._expected()
+
+    # ------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Batch]:
+        if all(p["done"] for p in self.positions):
+            self.epoch += 1
+            self._reset_positions(self.epoch)
+        for item in self._items():
+            self._absorb(item)
+            if item.keys:
+                yield Batch(item.images, item.labels, item.keys)
+        self._end_epoch()
+
+    def _items(self) -> Iterator[Item]:
+        dataset = UnitStream(self.config, self.positions, self.next_worker)
+        if self.num_workers == 0:
+            return iter(dataset)
+        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                                collate_fn=_identity))
+
+    def _absorb(self, item: Item) -> None:
+        for event in item.bad:
+            logger.warning("skipped bad sample(s) %s (%d lost) on rank %d: %s", event.key, event.count,
+                           self.config.rank, event.reason)
+        self.bad += sum(e.count for e in item.bad)
+        self.good += len(item.keys)
+        self.positions[item.worker] = {"epoch": item.epoch, "consumed": item.consumed, "done": item.done}
+        self.next_worker = (item.worker + 1) % self.config.workers
+        self._check_bad(self._expected_count, final=False)
+
+    def _end_epoch(self) -> None:
+        """A finite epoch is over: judge its bad fraction."""
+        self._check_bad(self.good + self.bad, final=True)
+        if self.good == 0:
+            logger.warning("rank %d got no samples in epoch %d (%d shards for %d ranks x %d workers)",
+                           self.config.rank, self.epoch, len(self.config.shards), self.config.world_size,
+                           self.config.workers)
+
+    def _expected(self) -> int | None:
+        """Samples this rank should see per (finite) epoch, from the manifest counts; None when unknown."""
+        c = self.config
+        plans = [plan_unit(c.shards, seed=c.seed, epoch=self.epoch, unit=c.rank * c.workers + w,
+                           units=c.world_size * c.workers, resampled=False) for w in range(c.workers)]
+        counts = [p.expected() for p in plans]
+        return None if None in counts else sum(counts)
+
+    def _check_bad(self, denominator: int | None, final: bool) -> None:
+        seen = self.good + self.bad
+        if not final:
+            if denominator is None and not self.config.resampled:
+                return  # unknown epoch size: judge at the epoch's end
+            denominator = max(seen, denominator or MIN_SAMPLES_FOR_RUNNING_CHECK)
+        if self.bad and self.bad > self.max_bad_fraction * denominator:
+            raise TooManyBadSamples(
+                f"{self.bad} bad sample(s) out of {seen} read on rank {self.config.rank} "
+                f"(> max_bad_fraction {self.max_bad_fraction} of {denominator}); see the warnings above for keys")
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Good and bad samples this epoch (finite) or since the start (resampled), and the epoch."""
+        return {"epoch": self.epoch, "good": self.good, "bad": self.bad}
