@@ -15,6 +15,8 @@ level is ab_prev = ab[i-1], and ab_prev = 1 (clean data) after step 0, where eve
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -106,8 +108,6 @@ def guided_outputs(model_fn, x, t, y, guidance: float, null_class):
     doubled batch [(x, y), (x, null class)]; the kernel then forms u + w (c - u)."""
     if guidance == 1.0 or y is None:
         return model_fn(x, t, y), None
-    if null_class is None:
-        raise ValueError("classifier-free guidance (guidance != 1) needs null_class")
     null = torch.full_like(y, int(null_class))
     out = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
     cond, uncond = out.chunk(2)
@@ -122,16 +122,57 @@ def _guided_eps(model_fn, x, t, y, guidance, null_class, alpha_bar, prediction):
 
 def langevin_correct(model_fn, x, t, y, *, alpha_bar, alpha, snr: float, noise, guidance=1.0, null_class=None,
                      prediction="eps"):
-    """One Langevin corrector step at noise level alpha_bar (Song et al. 2021, Alg. 5 for VP):
-    x <- x + e s + sqrt(2 e) z with s = -eps_hat / sqrt(1 - ab) and e = 2 alpha (snr |z| / |s|)^2 per sample.
-    All on the device (norms stay tensors: no synchronisation)."""
+    """One Langevin corrector step at noise level alpha_bar: x <- x + e s + sqrt(2 e) z, s = -eps_hat/sqrt(1-ab).
+
+    Song et al. 2021 (Alg. 5, VP) set e = 2 alpha (snr |z| / |s|)^2 from per-sample (or batch-mean) norms. We
+    use those norms' values where x_t's spread is the noise, |z|^2 = D and |s|^2 = D / (1 - ab), giving
+    e = 2 alpha snr^2 (1 - ab): the same scale on images, but it never blows up where the score vanishes
+    (low dimension, a sample at a mode), it keeps a sample independent of its batch, and needs no norms.
+    """
     ab = alpha_bar.expand(x.shape[0])
     score = process.score_from_eps(_guided_eps(model_fn, x, t, y, guidance, null_class, ab, prediction), ab)
-    grad_norm = score.reshape(x.shape[0], -1).norm(dim=1)
-    noise_norm = noise.reshape(x.shape[0], -1).norm(dim=1)
-    step = 2 * alpha * (snr * noise_norm / grad_norm.clamp_min(1e-12)) ** 2
-    step = process.expand_like(step, x)
+    step = 2 * alpha * snr ** 2 * (1 - alpha_bar)
     return x + step * score + (2 * step).sqrt() * noise
+
+
+@dataclass
+class SamplingPlan:
+    """Everything the step loop reads, on the device, built before the loop (rows in sampling order)."""
+
+    table: torch.Tensor  # (S, 6) float32 coefficients
+    t_model: torch.Tensor  # (S,) int64 training timesteps
+    alpha_bar: torch.Tensor  # (S,) float32, for the corrector
+    alpha: torch.Tensor  # (S,) float32, for the corrector's step size
+    sample_ids: torch.Tensor  # (N,) int64
+    y: torch.Tensor | None
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.table.shape[0])
+
+
+def make_plan(schedule: Schedule, num: int, *, sampler: str, steps: int | None, eta: float = 0.0,
+              ddpm_variance: str = "beta_tilde", spacing: str | None = None, sample_ids=None, y=None,
+              device=None) -> SamplingPlan:
+    """Respace `schedule` and build the coefficient table and index tensors of a sampling run on `device`."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    device = torch.device(device) if device is not None else schedule.device
+    spacing = spacing or ("logsnr" if sampler == "dpmpp" else "linear")
+    chain = schedule.respace(steps, spacing) if steps is not None and steps != schedule.num_steps else schedule
+    chain = chain.to(device)
+    sample_ids = (torch.arange(num, device=device) if sample_ids is None
+                  else torch.as_tensor(sample_ids, device=device, dtype=torch.int64))
+    if sample_ids.shape != (num,):
+        raise ValueError(f"sample_ids must have shape ({num},), got {tuple(sample_ids.shape)}")
+    if y is not None:
+        y = torch.as_tensor(y, device=device, dtype=torch.int64)
+        if y.shape != (num,):
+            raise ValueError(f"y must have shape ({num},), got {tuple(y.shape)}")
+    return SamplingPlan(table=coefficient_table(chain, sampler, eta=eta, ddpm_variance=ddpm_variance,
+                                                device=device),
+                        t_model=chain.timesteps.flip(0).to(device), alpha_bar=chain.alphas_cumprod.flip(0),
+                        alpha=chain.alphas.flip(0), sample_ids=sample_ids, y=y)
 
 
 @torch.no_grad()
@@ -139,50 +180,51 @@ def sample(model_fn, shape, schedule: Schedule, *, sampler: str = "ddim", steps:
            eta: float = 0.0, ddpm_variance: str = "beta_tilde", prediction: str = "eps", guidance: float = 1.0,
            y=None, null_class=None, clip_x0: bool = True, seed: int = 0, sample_ids=None,
            corrector_steps: int = 0, corrector_snr: float = 0.1, progress: bool = False, device=None,
-           backend=None) -> torch.Tensor:
+           spacing: str | None = None, backend=None) -> torch.Tensor:
     """Draw x_0 samples of `shape` = (N, *item_shape) with `model_fn(x, t, y) -> model output`.
 
-    `steps` respaces `schedule` (None = all its steps); `sample_ids` (N,) are the global ids that seed each
-    sample's noise (default 0..N-1); `corrector_steps` Langevin steps follow every predictor step but the last.
+    `steps` respaces `schedule` (None = all its steps) with `spacing` ("linear" in t, or "logsnr"; default
+    "logsnr" for dpmpp, "linear" for ddpm/ddim, see `Schedule.respace`); `sample_ids` (N,) are the global ids
+    that seed each sample's noise (default 0..N-1); `corrector_steps` Langevin steps follow every predictor
+    step but the last; `guidance` w != 1 needs `y` and `null_class`.
     """
     import kernels
 
     process.check_prediction(prediction)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if corrector_steps < 0 or corrector_snr <= 0:
         raise ValueError("corrector_steps must be >= 0 and corrector_snr > 0")
-    device = torch.device(device) if device is not None else schedule.device
-    chain = schedule.respace(steps) if steps is not None and steps != schedule.num_steps else schedule
-    chain = chain.to(device)
-    num = int(shape[0])
-    sample_ids = (torch.arange(num, device=device) if sample_ids is None
-                  else torch.as_tensor(sample_ids, device=device, dtype=torch.int64))
-    if sample_ids.shape != (num,):
-        raise ValueError(f"sample_ids must have shape ({num},), got {tuple(sample_ids.shape)}")
-    if y is not None:
-        y = torch.as_tensor(y, device=device, dtype=torch.int64)
-    table = coefficient_table(chain, sampler, eta=eta, ddpm_variance=ddpm_variance, device=device)
-    t_model = chain.timesteps.flip(0).to(device)  # sampling order
-    ab_order = chain.alphas_cumprod.flip(0).to(device)
-    alpha_order = chain.alphas.flip(0).to(device)
-    item_shape = tuple(shape[1:])
+    if guidance != 1.0 and (y is None or null_class is None):
+        raise ValueError("classifier-free guidance (guidance != 1) needs class labels y and null_class")
+    plan = make_plan(schedule, int(shape[0]), sampler=sampler, steps=steps, eta=eta, ddpm_variance=ddpm_variance,
+                     spacing=spacing, sample_ids=sample_ids, y=y, device=device)
+    x_T = kernels.noise.randn(seed, 0, plan.sample_ids, tuple(shape[1:]))
+    return denoise(model_fn, x_T, plan, prediction=prediction, guidance=guidance, null_class=null_class,
+                   clip_x0=clip_x0, seed=seed, corrector_steps=corrector_steps, corrector_snr=corrector_snr,
+                   progress=progress, backend=backend)
 
-    x = kernels.noise.randn(seed, 0, sample_ids, item_shape).to(device)
+
+@torch.no_grad()
+def denoise(model_fn, x: torch.Tensor, plan: SamplingPlan, *, prediction: str = "eps", guidance: float = 1.0,
+            null_class=None, clip_x0: bool = True, seed: int = 0, corrector_steps: int = 0,
+            corrector_snr: float = 0.1, progress: bool = False, backend=None) -> torch.Tensor:
+    """The step loop from x = x_T: device-only work (no .item(), no host-built tensors), CUDA-graph ready."""
+    import kernels
+
+    num, item_shape, num_steps = x.shape[0], tuple(x.shape[1:]), plan.num_steps
     x0_prev = None
-    num_steps = chain.num_steps
     for k in _progress(range(num_steps), progress):
-        t = t_model[k].expand(num)
-        cond, uncond = guided_outputs(model_fn, x, t, y, guidance, null_class)
+        t = plan.t_model[k].expand(num)
+        cond, uncond = guided_outputs(model_fn, x, t, plan.y, guidance, null_class)
         x, x0_prev = kernels.sampler_update(
-            x, cond, table[k], prediction=prediction, model_out_uncond=uncond, guidance=guidance,
-            clip_x0=clip_x0, x0_prev=x0_prev, seed=seed, sample_ids=sample_ids, stream=k + 1, backend=backend)
+            x, cond, plan.table[k], prediction=prediction, model_out_uncond=uncond, guidance=guidance,
+            clip_x0=clip_x0, x0_prev=x0_prev, seed=seed, sample_ids=plan.sample_ids, stream=k + 1,
+            backend=backend)
         for j in range(corrector_steps if k < num_steps - 1 else 0):
-            stream = num_steps + 1 + k * corrector_steps + j
-            noise = kernels.noise.randn(seed, stream, sample_ids, item_shape).to(device)
-            x = langevin_correct(model_fn, x, t_model[k + 1].expand(num), y, alpha_bar=ab_order[k + 1],
-                                 alpha=alpha_order[k + 1], snr=corrector_snr, noise=noise, guidance=guidance,
-                                 null_class=null_class, prediction=prediction)
+            stream = num_steps + 1 + k * corrector_steps + j  # after all predictor streams
+            noise = kernels.noise.randn(seed, stream, plan.sample_ids, item_shape)
+            x = langevin_correct(model_fn, x, plan.t_model[k + 1].expand(num), plan.y,
+                                 alpha_bar=plan.alpha_bar[k + 1], alpha=plan.alpha[k + 1], snr=corrector_snr,
+                                 noise=noise, guidance=guidance, null_class=null_class, prediction=prediction)
     return x
 
 
