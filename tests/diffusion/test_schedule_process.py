@@ -60,7 +60,7 @@ def test_respacing_keeps_the_marginals_and_chains_the_betas():
     np.testing.assert_allclose(np.cumprod(short.alphas.double().numpy()), short.alphas_cumprod64.numpy(), rtol=1e-6)
     np.testing.assert_allclose(1 - short.betas.double().numpy()[:3], short.alphas.double().numpy()[:3], rtol=1e-6)
     assert short.timesteps.tolist() == [0, 10, 500, 999]
-    assert full.respace(7).timesteps.tolist() == [0, 166, 333, 500, 666, 833, 999]
+    assert full.respace(4).timesteps.tolist() == [0, 333, 666, 999]
     # respacing the full chain with all steps changes nothing
     torch.testing.assert_close(full.respace(1000).posterior_mean_coef1, full.posterior_mean_coef1)
 
