@@ -44,7 +44,7 @@ class GaussianMixture:
     def eps(self, x: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
         """Exact eps-prediction -sqrt(1 - ab) grad log q_t, in x's dtype."""
         with torch.enable_grad():
-            xx = x.detach().double().requires_grad_(True)
+            xx = x.double() if x.requires_grad else x.detach().double().requires_grad_(True)
             grad = torch.autograd.grad(self.log_prob_t(xx, ab).sum(), xx, create_graph=x.requires_grad)[0]
         out = -(1 - ab.double()).sqrt().reshape(-1, *([1] * (x.dim() - 1))) * grad
         return out.to(x.dtype)
