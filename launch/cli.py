@@ -39,8 +39,9 @@ def add_resource_arguments(parser: argparse.ArgumentParser, multi_task: bool) ->
     parser.add_argument("--qos", default=None, metavar="Q", help="SLURM quality of service")
     parser.add_argument("--constraint", default=None, metavar="C", help="SLURM node feature constraint")
     parser.add_argument("--job-name", default=None, help="job name shown by squeue (default: pipeline-COMMAND)")
-    parser.add_argument("--signal-delay", type=int, default=120, metavar="S",
-                        help="seconds before the time limit at which the job is told to checkpoint and requeue")
+    parser.add_argument("--signal-delay", type=int, default=None, metavar="S",
+                        help="seconds before the time limit at which the job is told to checkpoint and requeue "
+                             "(default: 120, or a quarter of a time limit under 8 minutes)")
     parser.add_argument("--max-requeues", type=int, default=3, metavar="K",
                         help="give up after the job hit its time limit this many times (pre-emptions do not count)")
     parser.add_argument("--setup", action="append", default=[], metavar="CMD",

@@ -34,7 +34,8 @@ class Resources:
     qos: str | None = None
     constraint: str | None = None
     job_name: str = "pipeline"
-    signal_delay_s: int = 120  # how long before the time limit the checkpoint signal comes
+    signal_delay_s: int | None = None  # how long before the time limit the checkpoint signal comes; None:
+    # 120 s, or a quarter of a limit shorter than 8 minutes
     setup: tuple[str, ...] = ()  # shell lines run before the tasks start (module load, source venv, ...)
     array_parallelism: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -52,6 +53,8 @@ class Resources:
             raise ValueError(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
         if self.mem is not None and not MEM_PATTERN.match(self.mem):
             raise ValueError(f"mem must look like 16G or 4000M (SLURM syntax), got {self.mem!r}")
+        if self.signal_delay_s is None:
+            object.__setattr__(self, "signal_delay_s", min(120, self.time_min * 15))
         if self.signal_delay_s < 0 or self.signal_delay_s >= self.time_min * 60:
             raise ValueError(f"signal_delay_s ({self.signal_delay_s}) must be in [0, time limit "
                              f"{self.time_min * 60} s)")

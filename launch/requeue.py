@@ -78,11 +78,17 @@ class ChildProcess:
         copier.join(timeout=10)
         return returncode
 
+    def stopped_by_signal(self, returncode: int) -> bool:
+        """The child stopped so that a rerun continues: it checkpointed (75), or a command without its own handler
+        (e.g. resumable generation, which skips finished shards) was ended by the stop signal we saw."""
+        return returncode == EXIT_CHECKPOINTED or (bool(self.caught) and -returncode in self.caught)
+
     def _copy_stderr(self, stream: tp.BinaryIO) -> None:
         for raw in iter(stream.readline, b""):
             sys.stderr.buffer.write(raw)
             sys.stderr.flush()
-            self.stderr_tail.append(raw.decode("utf-8", errors="replace").rstrip("\n"))
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            self.stderr_tail.append(line.split("\r")[-1])  # of a progress bar, only its last state
 
 
 class PipelineTask(submitit.helpers.Checkpointable):
@@ -113,7 +119,7 @@ class PipelineTask(submitit.helpers.Checkpointable):
         if returncode == 0:
             return {"rank": ranks.rank, "world_size": ranks.world_size, "returncode": 0,
                     "requeues": self.requeues, "slurm_restart_count": restart_count()}
-        if returncode == EXIT_CHECKPOINTED:
+        if child.stopped_by_signal(returncode):
             self._leave_for_requeue(child.caught, ranks.rank, requeue_signal, submitit_handler)
         tail = "\n".join(child.stderr_tail)
         raise PipelineCommandError(
