@@ -69,13 +69,13 @@ def _sampler_case(guided: bool):
         coeffs = torch.tensor([0.8, 0.6, 0.5, -0.1 if guided else 0.0, 0.7, sigma], device=x_t.device)
         extra = dict(model_out_uncond=uncond, guidance=3.0, x0_prev=prev) if guided else {}
 
-        def reference(x_t, out, coeffs, ids):
-            return sampler_update_reference(x_t, out, coeffs, "eps", extra.get("model_out_uncond"), 3.0, False,
-                                            extra.get("x0_prev"), SEED, ids, STREAM)
+        def reference(x_t, out, uncond, prev, coeffs, ids):  # every tensor an argument: compiled once per op
+            return sampler_update_reference(x_t, out, coeffs, "eps", uncond, 3.0, False, prev, SEED, ids, STREAM)
 
         fused = lambda: kernels.sampler_update(x_t, out, coeffs, seed=SEED, sample_ids=ids, stream=STREAM,
                                                backend="triton", **extra)
-        return fused, reference, lambda fn: (lambda: fn(x_t, out, coeffs, ids))
+        unc, pre = (uncond, prev) if guided else (None, None)
+        return fused, reference, lambda fn: (lambda: fn(x_t, out, unc, pre, coeffs, ids))
     return build
 
 

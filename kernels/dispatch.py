@@ -6,6 +6,7 @@ which Triton enables when TRITON_INTERPRET=1 is set before `triton` (and so `ker
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -14,6 +15,7 @@ BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "DIFFUSION_KERNELS"
 
 
+@functools.cache  # fixed once the kernels are decorated; cached since the wrappers ask on every call
 def interpreter_active() -> bool:
     """True when Triton kernels of this package were decorated in interpret mode (TRITON_INTERPRET=1)."""
     from triton.runtime.interpreter import InterpretedFunction

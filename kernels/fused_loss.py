@@ -23,7 +23,8 @@ import triton.language as tl
 
 from . import _checks
 from .dispatch import choose_backend, interpreter_active
-from .noise import noise_tile, randn, seed_key, check_stream
+from ._tiling import cdiv, next_pow2, pick_block, tile, warps_for
+from .noise import check_stream, noise_tile, randn, seed_key
 
 TARGETS = ("eps", "x0", "v")
 
@@ -126,38 +127,11 @@ class LossOptions(NamedTuple):
     block_size: int | None
 
 
-def pick_block(elements_per_sample: int, block_size: int | None) -> int:
-    """Elements per program: a power of two >= 4 (4 consecutive elements share one Philox call).
-
-    In the interpreter each program costs ~2 ms whatever its size, so blocks there are as large as allowed.
-    """
-    if block_size is not None:
-        if block_size < 4 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 4, got {block_size}")
-        return block_size
-    if interpreter_active():
-        return min(65536, max(4, triton.next_power_of_2(elements_per_sample)))
-    return min(2048, max(4, triton.next_power_of_2(elements_per_sample)))
-
-
-def warps_for(block: int) -> int:
-    return max(1, min(8, block // 512))
-
-
-@triton.jit
-def _tile(N, GROUPS: tl.constexpr):
-    """Offsets of this program's (GROUPS, 4) tile inside its sample, and the Philox counters of its rows."""
-    group = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)[:, None]
-    lane = tl.arange(0, 4)[None, :]
-    j = group * 4 + lane
-    return group, lane, j, j < N
-
-
 @triton.jit(do_not_specialize=["seed", "stream"])
 def _q_sample_kernel(x0_ptr, xt_ptr, alpha_bar_ptr, sample_ids_ptr, seed, stream, N,
                      GROUPS: tl.constexpr):
     sample = tl.program_id(1)
-    group, lane, j, mask = _tile(N, GROUPS)
+    group, lane, j, mask = tile(N, GROUPS)
     offsets = sample.to(tl.int64) * N + j
     alpha_bar = tl.load(alpha_bar_ptr + sample)
     eps = noise_tile(seed, stream, tl.load(sample_ids_ptr + sample).to(tl.uint32), group, lane)
@@ -174,7 +148,7 @@ def _loss_kernel(out_ptr, x0_ptr, grad_ptr, partial_ptr, alpha_bar_ptr, weights_
                  seed, stream, N, grad_scale, TARGET: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                  WRITE_GRAD: tl.constexpr, GROUPS: tl.constexpr):
     sample = tl.program_id(1)
-    group, lane, j, mask = _tile(N, GROUPS)
+    group, lane, j, mask = tile(N, GROUPS)
     offsets = sample.to(tl.int64) * N + j
     out = tl.load(out_ptr + offsets, mask=mask).to(tl.float32)
     if TARGET == 1:  # x0 prediction needs no noise
@@ -247,7 +221,7 @@ def launch_q_sample(x0, alpha_bar, seed, sample_ids, stream, x_t, *, block_size=
     """Kernel A into the preallocated contiguous x_t (the tests poison it first)."""
     batch, n = x0.shape[0], x0[0].numel()
     block = pick_block(n, block_size)
-    grid = (triton.cdiv(n, block), batch)
+    grid = (cdiv(n, block), batch)
     _q_sample_kernel[grid](x0.contiguous(), x_t, alpha_bar, sample_ids, seed, stream, n,
                            GROUPS=block // 4, num_warps=warps_for(block))
     return x_t
@@ -258,7 +232,7 @@ def launch_loss(model_out, x0, alpha_bar, weights, sample_ids, buckets, seed, st
     """Kernel B + the finishing kernel. Writes grad (unless None) and per_sample; returns loss, sums, counts."""
     batch, n = model_out.shape[0], model_out[0].numel()
     block = pick_block(n, options.block_size)
-    blocks = triton.cdiv(n, block)
+    blocks = cdiv(n, block)
     device = model_out.device
     partial = torch.empty((batch, blocks), dtype=torch.float32, device=device)
     _loss_kernel[(blocks, batch)](
@@ -270,18 +244,18 @@ def launch_loss(model_out, x0, alpha_bar, weights, sample_ids, buckets, seed, st
     counts = torch.empty(options.num_buckets, dtype=torch.int64, device=device)
     if buckets is None:
         sums.zero_(), counts.zero_()
-    rows = min(triton.next_power_of_2(batch), 64 if interpreter_active() else 128)
-    cols = min(triton.next_power_of_2(blocks), 64)
+    rows = min(next_pow2(batch), 64 if interpreter_active() else 128)
+    cols = min(next_pow2(blocks), 64)
     _finish_loss_kernel[(1,)](
         partial, weights, buckets, per_sample, loss, sums, counts, batch, blocks, 1.0 / n,
         HAS_WEIGHTS=weights is not None, HAS_BUCKETS=buckets is not None, NUM_BUCKETS=options.num_buckets,
-        BUCKETS_POW2=triton.next_power_of_2(options.num_buckets), ROWS=rows, COLS=cols)
+        BUCKETS_POW2=next_pow2(options.num_buckets), ROWS=rows, COLS=cols)
     return loss, sums, counts
 
 
 def scale_inplace(x, scale):
     block = 65536 if interpreter_active() else 4096
-    _scale_kernel[(triton.cdiv(x.numel(), block),)](x, scale.to(torch.float32).reshape(()), x.numel(),
+    _scale_kernel[(cdiv(x.numel(), block),)](x, scale.to(torch.float32).reshape(()), x.numel(),
                                                     BLOCK=block, num_warps=8 if block >= 4096 else 4)
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import _checks
 from .dispatch import choose_backend
-from .fused_loss import _tile, pick_block, warps_for
+from ._tiling import cdiv, pick_block, tile, warps_for
 from .noise import check_stream, noise_tile, randn, seed_key
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -93,7 +93,7 @@ def _sampler_update_kernel(xt_ptr, out_ptr, uncond_ptr, x0_prev_ptr, x_next_ptr,
                            HAS_UNCOND: tl.constexpr, HAS_X0_PREV: tl.constexpr, CLIP: tl.constexpr,
                            GROUPS: tl.constexpr):
     sample = tl.program_id(1)
-    group, lane, j, mask = _tile(N, GROUPS)
+    group, lane, j, mask = tile(N, GROUPS)
     offsets = sample.to(tl.int64) * N + j
     sqrt_ab = tl.load(coeffs_ptr + 0)
     sqrt_1m_ab = tl.load(coeffs_ptr + 1)
@@ -128,7 +128,7 @@ def launch_sampler_update(x_t, model_out, coeffs, prediction, model_out_uncond, 
     batch, n = x_t.shape[0], x_t[0].numel()
     block = pick_block(n, block_size)
     contiguous = [t.contiguous() if t is not None else None for t in (x_t, model_out, model_out_uncond, x0_prev)]
-    _sampler_update_kernel[(triton.cdiv(n, block), batch)](
+    _sampler_update_kernel[(cdiv(n, block), batch)](
         *contiguous, x_next, x0_hat, coeffs, sample_ids, seed, stream, guidance, n,
         PREDICTION=PREDICTION_CODE[prediction], HAS_UNCOND=model_out_uncond is not None,
         HAS_X0_PREV=x0_prev is not None, CLIP=clip_x0, GROUPS=block // 4, num_warps=warps_for(block))
