@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from pipeline.data import shards as shard_format
 from pipeline.errors import PipelineError
@@ -47,6 +48,7 @@ from pipeline.errors import PipelineError
 logger = logging.getLogger(__name__)
 FITS = ("resize", "pad")
 STATE_VERSION = 1
+TAR_BLOCK = 512
 MIN_SAMPLES_FOR_RUNNING_CHECK = 1000  # when the expected count is unknown, wait this long before judging
 
 
@@ -222,6 +224,33 @@ class Progress:
     consumed: int = 0
 
 
+def tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """Regular members of a tar stream as webdataset's {fname, data, __url__} records.
+
+    Unlike a plain stream read, a member whose data is cut short raises: Python's tarfile ends
+    iteration silently at a truncated header, so truncation must be caught here and by `shard_problem`.
+    """
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            data = tar.extractfile(member).read()
+            if len(data) != member.size:
+                raise EOFError(f"member {member.name} has {len(data)} of its {member.size} bytes")
+            yield {"fname": member.name, "data": data, "__url__": url}
+            tar.members = []  # a stream read keeps no index
+
+
+def shard_problem(shard: ShardInfo, read: int) -> str | None:
+    """Why a shard that read without error is still incomplete (None when it is whole)."""
+    size = os.path.getsize(shard.path)
+    if size % TAR_BLOCK:
+        return f"truncated: {size} bytes is not a whole number of {TAR_BLOCK}-byte tar blocks"
+    if shard.num_samples is not None and read != shard.num_samples:
+        return f"holds {read} sample(s), the manifest says {shard.num_samples}"
+    return None
+
+
 def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress) -> Iterator[dict[str, Any]]:
     """Raw samples of the plan's shards, in order; read failures become BadEvents (not exceptions)."""
     position = 0
@@ -229,17 +258,18 @@ def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress) -> Ite
         read = 0
         try:
             with open(shard.path, "rb") as stream:
-                for sample in group_by_keys(tar_file_expander([{"url": shard.path, "stream": stream}])):
+                for sample in group_by_keys(tar_members(stream, shard.path)):
                     read += 1
                     if plan.sample_split is None or position % plan.sample_split[0] == plan.sample_split[1]:
                         yield sample
                     position += 1
-        except Exception as exn:  # tarfile/OS/gzip errors all mean the same: the rest of this shard is lost
-            if reports:
-                lost = max(1, shard.num_samples - read) if shard.num_samples is not None else 1
-                reason = f"truncated or unreadable after {read} sample(s): {type(exn).__name__}: {exn}"
-                events.append(BadEvent(os.path.basename(shard.path), reason, lost, progress.epoch,
-                                       progress.consumed))
+            problem = shard_problem(shard, read)
+        except Exception as exn:  # tarfile/OS errors all mean the same: the rest of this shard is lost
+            problem = f"truncated or unreadable after {read} sample(s): {type(exn).__name__}: {exn}"
+        if problem and reports:
+            lost = shard.num_samples - read if shard.num_samples is not None else 0
+            lost = max(lost, 0 if "manifest says" in problem else 1)
+            events.append(BadEvent(os.path.basename(shard.path), problem, lost, progress.epoch, progress.consumed))
 
 
 @dataclass
