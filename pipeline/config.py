@@ -26,6 +26,7 @@ class DataConfig:
     shards: str = "data/digits"  # shard folder (with manifest.json) or a brace pattern of .tar files
     resolution: int = 8  # images are resized/padded to resolution x resolution
     channels: int = 1
+    fit: Literal["resize", "pad"] = "resize"  # how images of another size reach `resolution`
     hflip: bool = False
     shuffle_buffer: int = 1000
     num_workers: int = 0

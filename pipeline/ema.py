@@ -6,8 +6,6 @@ needs no communication; only `export` gathers, and only when weights are written
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 
@@ -47,28 +45,28 @@ class EMA:
             s.copy_(saved)
         self.updates = state["updates"]
 
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """Temporarily put the EMA weights into the module's (local) parameter storage."""
-        saved = [local_data(p).detach().clone() for p in self.params]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                local_data(p).copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for old, p in zip(saved, self.params):
-                    local_data(p).copy_(old)
+    def state_dict_full(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The EMA weights as a full fp32 CPU state dict (collective under ZeRO-3)."""
+        return full_state_dict(module, self.shadow)
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """fp32 CPU state dict of the whole module, gathering ZeRO-3 partitions when present (collective)."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
-    gather = contextlib.nullcontext()
-    if params:
-        import deepspeed
+def full_state_dict(module: torch.nn.Module, local: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """fp32 CPU state dict of the whole module, from `local` (per-parameter local data, default: the
+    parameters' own). ZeRO-3 partitions are all-gathered explicitly rather than through
+    `GatheredParameters`, which leaves small "persistent" parameters as they are and so cannot show
+    anything but the live weights. Collective under ZeRO-3: every rank must call it."""
+    names = [n for n, _ in module.named_parameters()]
+    params = [p for _, p in module.named_parameters()]
+    local = [local_data(p) for p in params] if local is None else local
+    state = {n: gather_partitioned(p, x) if hasattr(p, "ds_tensor") else x.detach().float().cpu().clone()
+             for n, p, x in zip(names, params, local)}
+    state.update({n: b.detach().float().cpu().clone() for n, b in module.named_buffers()})
+    return state
 
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    with gather:
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+def gather_partitioned(param: torch.nn.Parameter, part: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, part.detach().contiguous())
+    return torch.cat([q.flatten() for q in parts])[: param.ds_numel].view(param.ds_shape).float().cpu()

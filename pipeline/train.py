@@ -144,12 +144,13 @@ class Trainer:
         self.config, self.run_dir = config, Path(run_dir)
         self.rank, self.world, self.device = init_distributed()
         t = config.train
-        torch.manual_seed(t.seed * 1000 + self.rank)  # dropout only; everything else is counter-based
         resume_from = self.find_resume_point(resume)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.yaml")
+        torch.manual_seed(t.seed)  # the same initial weights on every rank (ZeRO-3 partitions local copies)
         model = build_model(config)
+        torch.manual_seed(t.seed * 1000 + self.rank + 1)  # dropout only; everything else is counter-based
         self.schedule = build_schedule(config).to(self.device) if config.model.type == "ddpm" else None
         optimizer = GuardedAdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                                  weight_decay=t.weight_decay)
@@ -205,7 +206,7 @@ class Trainer:
         return StreamingLoader(d.shards, batch_size=t.micro_batch, resolution=d.resolution, channels=d.channels,
                                seed=t.seed, rank=self.rank, world_size=self.world, num_workers=d.num_workers,
                                shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, resampled=d.resampled,
-                               max_bad_fraction=d.max_bad_fraction)
+                               max_bad_fraction=d.max_bad_fraction, fit=d.fit)
 
     def batches(self):
         """Micro-batches forever, epoch after epoch (the loader knows its own position)."""
@@ -379,10 +380,8 @@ class Trainer:
     def export(self) -> Path | None:
         """Write the EMA weights as safetensors (collective under ZeRO-3; rank 0 writes)."""
         from pipeline.checkpoint import export_weights
-        from pipeline.ema import full_state_dict
 
-        with self.ema.swapped_in():
-            weights = full_state_dict(self.engine.module)
+        weights = self.ema.state_dict_full(self.engine.module)
         if self.rank != 0:
             return None
         self.last_export = export_weights(weights, self.config, self.step, self.run_dir)

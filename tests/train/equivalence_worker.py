@@ -25,16 +25,16 @@ def main(out: str, shards: str, run_dir: str, zero_stage: str, global_batch: str
                                                f"train.micro_batch={micro}", "train.steps=5", "train.grad_clip=0.5",
                                                "model.dropout=0.0"])
     trainer = Trainer(config, run_dir)
+    init = full_state_dict(trainer.engine.module)
     digits = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 8 - 1
     labels = torch.tensor(load_digits().target)
     for step in range(config.train.steps):
         lo = step * micro * world + trainer.rank * micro
         trainer.train_step([SimpleNamespace(images=digits[lo:lo + micro], labels=labels[lo:lo + micro])])
-    with trainer.ema.swapped_in():
-        ema = full_state_dict(trainer.engine.module)
+    ema = trainer.ema.state_dict_full(trainer.engine.module)
     weights = full_state_dict(trainer.engine.module)
     if trainer.rank == 0:
-        torch.save({"weights": weights, "ema": ema}, out)
+        torch.save({"weights": weights, "ema": ema, "init": init}, out)
 
 
 if __name__ == "__main__":

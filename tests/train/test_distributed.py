@@ -31,8 +31,12 @@ def single(tmp_path_factory, digits_shards):
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_two_ranks_match_one_rank_on_the_concatenated_batch(tmp_path, digits_shards, single, zero_stage):
     double = run_worker(tmp_path, digits_shards, 2, zero_stage)
+    # Adam divides by sqrt(v): fp32 summation-order differences in near-zero gradients (zero-initialised
+    # output layers) grow after a few steps. A real mismatch (other timesteps, noise or data on a rank) is of
+    # the size of the training update itself, so compare the gap with the distance travelled from init.
+    assert all(torch.equal(single["init"][n], double["init"][n]) for n in single["init"])
     for kind in ("weights", "ema"):
-        for name, ref in single[kind].items():
-            assert torch.allclose(double[kind][name], ref, atol=2e-6, rtol=1e-5), f"{kind} {name} differs"
-    # EMA lags the weights only if training moved them: the comparison is not between untouched models
-    assert any(not torch.equal(single["weights"][n], single["ema"][n]) for n in single["weights"])
+        gap = sum((double[kind][n] - single[kind][n]).pow(2).sum() for n in single[kind]).sqrt()
+        travelled = sum((single[kind][n] - single["init"][n]).pow(2).sum() for n in single[kind]).sqrt()
+        assert travelled > 0.01, "training did not move the weights: the comparison would prove nothing"
+        assert gap < 1e-3 * travelled, f"{kind}: 2-rank result differs by {gap:.3g} (travelled {travelled:.3g})"
