@@ -29,8 +29,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def num_groups(channels: int) -> int:
-    """The largest of 32, 16, ..., 1 groups that divides `channels` (GroupNorm needs a divisor)."""
-    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+    """The largest of 32, 16, ..., 1 groups that divides `channels` with >= 4 channels per group where possible
+    (one channel per group would be instance norm, which erases any per-channel signal added before it)."""
+    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and (channels // g >= 4 or g == 1))
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -52,20 +53,24 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Gen
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with a residual path; the embedding (if emb_dim) is added in between."""
+    """GroupNorm-SiLU-conv twice with a residual path. The embedding (if emb_dim) modulates the second norm as
+    GN(h) * (1 + scale) + shift (improved DDPM's scale-shift norm): a shift added BEFORE a norm would be
+    partly normalised away."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None, dropout: float = 0.0):
         super().__init__()
         self.in_layers = nn.Sequential(norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch)) if emb_dim else None
-        self.out_layers = nn.Sequential(norm(out_ch), nn.SiLU(), nn.Dropout(dropout),
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch)) if emb_dim else None
+        self.out_norm = norm(out_ch)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout),
                                         zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.in_layers(x)
+        h = self.out_norm(self.in_layers(x))
         if self.emb is not None:
-            h = h + self.emb(emb)[:, :, None, None]
+            scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
         return self.skip(x) + self.out_layers(h)
 
 
