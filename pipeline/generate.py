@@ -449,7 +449,8 @@ def _counted(samples: Iterator[dict], bar) -> Iterator[dict]:
 
 def _remove_partial_files(out: Path, shard: int) -> None:
     """Temporary files a killed writer of this shard left behind (only this shard's: others may be live)."""
-    for tmp in out.glob(f".{shards.SHARD_PATTERN % shard}.*.tmp"):
+    record = done_path(out, shard)
+    for tmp in [*out.glob(f".{shards.SHARD_PATTERN % shard}.*.tmp"), *record.parent.glob(f".{record.name}.*.tmp")]:
         tmp.unlink(missing_ok=True)
 
 
