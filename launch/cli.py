@@ -5,8 +5,9 @@
     python -m launch generate --array 8 --gpus-per-node 1 -- --checkpoint runs/exp1/export/latest.safetensors \\
         --num-samples 50000 --out gen/exp1
 
-The submitit folder (job pickles, one log per task) goes to OUT/submitit/, beside the checkpoints. Jobs are
-requeued after a checkpoint when SLURM signals the time limit or a pre-emption; see launch/requeue.py.
+The submitit folder (job pickles, one log per task) goes to OUT/.submitit/, beside the checkpoints (hidden, so
+that `pipeline generate` still sees OUT as its own folder). Jobs are requeued after a checkpoint when SLURM
+signals the time limit or a pre-emption; see launch/requeue.py.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from launch.executors import CLUSTERS, Resources, make_executor, resolve_cluster
 from launch.requeue import PipelineTask, pipeline_command
 
 TASK_SPLIT_FLAGS = ("--task-index", "--num-tasks")
+SUBMITIT_DIR = ".submitit"  # under OUT; a dot name, which `pipeline generate` tolerates in its output folder
 
 
 def add_resource_arguments(parser: argparse.ArgumentParser, multi_task: bool) -> None:
@@ -91,7 +93,7 @@ def output_folder(pipeline_args: list[str]) -> Path:
     out = option_value(pipeline_args, "--out")
     if not out:
         raise SystemExit("error: the pipeline arguments need `--out DIR` (a requeued job resumes there, and the "
-                         "submitit logs go to DIR/submitit)")
+                         f"submitit logs go to DIR/{SUBMITIT_DIR})")
     return Path(out).resolve()
 
 
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: give the pipeline arguments after `--`, e.g. "
                          "python -m launch train -- --config configs/tiny.yaml --out runs/x")
     out = output_folder(pipeline_args)
-    folder = out / "submitit"
+    folder = out / SUBMITIT_DIR
     try:
         resources = resources_from_args(args)
     except ValueError as error:

@@ -22,11 +22,11 @@ def test_dry_run_prints_a_multi_node_gpu_training_script(capsys, tmp_path):
     assert lines[0] == "#!/bin/bash"
     for expected in ["--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64G",
                      "--time=30", "--partition=gpu", "--account=proj", "--qos=high", "--constraint=a100",
-                     "--signal=USR2@90", "--job-name=pipeline-train", f"--output={run}/submitit/%j_0_log.out"]:
+                     "--signal=USR2@90", "--job-name=pipeline-train", f"--output={run}/.submitit/%j_0_log.out"]:
         assert f"#SBATCH {expected}" in lines, expected
     assert "module load cuda" in lines
     srun = next(line for line in lines if line.startswith("srun "))
-    assert f"{run}/submitit/%j_%t_log.out" in srun and srun.endswith(f"submitit.core._submit {run}/submitit")
+    assert f"{run}/.submitit/%j_%t_log.out" in srun and srun.endswith(f"submitit.core._submit {run}/.submitit")
     assert not run.exists()  # a dry run writes nothing
 
 
@@ -36,7 +36,7 @@ def test_dry_run_of_a_generation_array(capsys, tmp_path):
                          "--", "--checkpoint", "run/export/latest.safetensors", "--num-samples", "30",
                          "--out", str(out))
     assert "#SBATCH --array=0-2%2" in lines
-    assert f"#SBATCH --output={out}/submitit/%A_%a_0_log.out" in lines
+    assert f"#SBATCH --output={out}/.submitit/%A_%a_0_log.out" in lines
     assert "#SBATCH --ntasks-per-node=1" in lines
 
 

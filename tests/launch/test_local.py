@@ -60,8 +60,8 @@ def test_cli_trains_two_local_tasks_with_the_real_trainer(tmp_path, digits_shard
     proc = run_launch("train", "--cluster", "local", "--tasks-per-node", "2", "--time", "5", "--wait", "--",
                       *train_args(run, digits_shards, "train.steps=4", "train.ckpt_every=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "submitted 1 job(s) to local" in proc.stdout and f"{run}/submitit" in proc.stdout
+    assert "submitted 1 job(s) to local" in proc.stdout and f"{run}/.submitit" in proc.stdout
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
-    assert len(list((run / "submitit").glob("*_1_log.out"))) == 1  # one log per task, beside the run
+    assert len(list((run / ".submitit").glob("*_1_log.out"))) == 1  # one log per task, beside the run
