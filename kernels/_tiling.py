@@ -20,7 +20,8 @@ def next_pow2(n: int) -> int:
 def pick_block(elements_per_sample: int, block_size: int | None) -> int:
     """Elements per program: a power of two >= 4 (4 consecutive elements share one Philox call).
 
-    In the interpreter each program costs ~2 ms whatever its size, so blocks there are as large as allowed.
+    In the interpreter each program costs ~2 ms (~60 ms when it draws noise) whatever its size, so blocks
+    there are as large as allowed.
     """
     if block_size is not None:
         if block_size < 4 or block_size & (block_size - 1):
@@ -37,8 +38,7 @@ def warps_for(block: int) -> int:
 
 @triton.jit
 def tile(N, GROUPS: tl.constexpr):
-    """Offsets of this program's (GROUPS, 4) tile inside its sample, and the Philox counters of its rows."""
-    group = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)[:, None]
-    lane = tl.arange(0, 4)[None, :]
-    j = group * 4 + lane
-    return group, lane, j, j < N
+    """This program's Philox counters (GROUPS,) and the (GROUPS, 4) element indices j inside its sample."""
+    group = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    j = group[:, None] * 4 + tl.arange(0, 4)[None, :]
+    return group, j, j < N

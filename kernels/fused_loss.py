@@ -131,10 +131,10 @@ class LossOptions(NamedTuple):
 def _q_sample_kernel(x0_ptr, xt_ptr, alpha_bar_ptr, sample_ids_ptr, seed, stream, N,
                      GROUPS: tl.constexpr):
     sample = tl.program_id(1)
-    group, lane, j, mask = tile(N, GROUPS)
+    group, j, mask = tile(N, GROUPS)
     offsets = sample.to(tl.int64) * N + j
     alpha_bar = tl.load(alpha_bar_ptr + sample)
-    eps = noise_tile(seed, stream, tl.load(sample_ids_ptr + sample).to(tl.uint32), group, lane)
+    eps = noise_tile(seed, stream, tl.load(sample_ids_ptr + sample).to(tl.uint32), group)
     x0 = tl.load(x0_ptr + offsets, mask=mask).to(tl.float32)
     x_t = tl.sqrt(alpha_bar) * x0 + tl.sqrt(1.0 - alpha_bar) * eps
     tl.store(xt_ptr + offsets, x_t.to(xt_ptr.dtype.element_ty), mask=mask)
@@ -148,13 +148,13 @@ def _loss_kernel(out_ptr, x0_ptr, grad_ptr, partial_ptr, alpha_bar_ptr, weights_
                  seed, stream, N, grad_scale, TARGET: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                  WRITE_GRAD: tl.constexpr, GROUPS: tl.constexpr):
     sample = tl.program_id(1)
-    group, lane, j, mask = tile(N, GROUPS)
+    group, j, mask = tile(N, GROUPS)
     offsets = sample.to(tl.int64) * N + j
     out = tl.load(out_ptr + offsets, mask=mask).to(tl.float32)
     if TARGET == 1:  # x0 prediction needs no noise
         target = tl.load(x0_ptr + offsets, mask=mask).to(tl.float32)
     else:
-        eps = noise_tile(seed, stream, tl.load(sample_ids_ptr + sample).to(tl.uint32), group, lane)
+        eps = noise_tile(seed, stream, tl.load(sample_ids_ptr + sample).to(tl.uint32), group)
         if TARGET == 0:  # eps prediction reads no x0
             target = eps
         else:

@@ -93,7 +93,7 @@ def _sampler_update_kernel(xt_ptr, out_ptr, uncond_ptr, x0_prev_ptr, x_next_ptr,
                            HAS_UNCOND: tl.constexpr, HAS_X0_PREV: tl.constexpr, CLIP: tl.constexpr,
                            GROUPS: tl.constexpr):
     sample = tl.program_id(1)
-    group, lane, j, mask = tile(N, GROUPS)
+    group, j, mask = tile(N, GROUPS)
     offsets = sample.to(tl.int64) * N + j
     sqrt_ab = tl.load(coeffs_ptr + 0)
     sqrt_1m_ab = tl.load(coeffs_ptr + 1)
@@ -117,7 +117,7 @@ def _sampler_update_kernel(xt_ptr, out_ptr, uncond_ptr, x0_prev_ptr, x_next_ptr,
     if HAS_X0_PREV:
         x_next += tl.load(coeffs_ptr + 3) * tl.load(x0_prev_ptr + offsets, mask=mask).to(tl.float32)
     if sigma != 0.0:  # deterministic steps (DDIM eta=0, DPM-Solver++) skip the Philox work
-        x_next += sigma * noise_tile(seed, stream, tl.load(sample_ids_ptr + sample).to(tl.uint32), group, lane)
+        x_next += sigma * noise_tile(seed, stream, tl.load(sample_ids_ptr + sample).to(tl.uint32), group)
     tl.store(x_next_ptr + offsets, x_next.to(x_next_ptr.dtype.element_ty), mask=mask)
     tl.store(x0_hat_ptr + offsets, x0_hat.to(x0_hat_ptr.dtype.element_ty), mask=mask)
 
