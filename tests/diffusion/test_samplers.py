@@ -225,16 +225,18 @@ def test_bad_arguments_name_the_problem(bad, match):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation only exists on CUDA")
 def test_step_loop_makes_no_host_device_sync():
+    from pipeline.models import UNet
+
     device = torch.device("cuda")
     schedule = SCHEDULE.to(device)
+    model = UNet(1, 32, (1, 2), 1, (4,), 0.0, 10, 8).to(device).eval()
     plan = samplers.make_plan(schedule, 16, sampler="dpmpp", steps=10, y=torch.zeros(16, dtype=torch.int64),
                               device=device)
     x_T = torch.randn(16, 1, 8, 8, device=device)
-    model = lambda x, t, y: 0.1 * x * schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)  # noqa: E731
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = samplers.denoise(model, x_T, plan, guidance=2.0, null_class=1, corrector_steps=1)
+    try:  # guidance + corrector: every code path of the loop, with a real class-conditional UNet
+        out = samplers.denoise(model, x_T, plan, guidance=2.0, null_class=10, corrector_steps=1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
