@@ -34,12 +34,21 @@ def train(run_dir: Path, shards: Path, *overrides: str) -> Path:
     return run_dir
 
 
+def trained(env_var: str, tmp_path_factory, request, *overrides: str) -> Path:
+    """A run folder trained now, or one trained the same way before and named by `env_var` (for a machine
+    without DeepSpeed, such as a bare GPU node)."""
+    if os.environ.get(env_var):
+        return Path(os.environ[env_var])
+    shards = request.getfixturevalue("digits_shards")
+    return train(tmp_path_factory.mktemp("run") / "run", shards, *overrides)
+
+
 @pytest.fixture(scope="session")
-def uncond_run(tmp_path_factory, digits_shards) -> Path:
+def uncond_run(tmp_path_factory, request) -> Path:
     """A run folder; its export/latest.safetensors holds the EMA weights."""
-    return train(tmp_path_factory.mktemp("uncond") / "run", digits_shards)
+    return trained("GENERATE_TEST_UNCOND_RUN", tmp_path_factory, request)
 
 
 @pytest.fixture(scope="session")
-def cond_run(tmp_path_factory, digits_shards) -> Path:
-    return train(tmp_path_factory.mktemp("cond") / "run", digits_shards, "model.num_classes=10")
+def cond_run(tmp_path_factory, request) -> Path:
+    return trained("GENERATE_TEST_COND_RUN", tmp_path_factory, request, "model.num_classes=10")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.cli import main
 
-FAST = ["--steps", "4", "--no-progress"]
+FAST = ["--steps", "4", "--no-progress", "--device", "cpu"]  # tests that need CUDA say --device cuda
 
 
 def generate(checkpoint: Path, out: Path, num: int, *extra: str) -> int:

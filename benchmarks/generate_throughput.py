@@ -1,0 +1,133 @@
+"""Images/s of generation: 50-step DDIM and 20-step DPM-Solver++(2M), per speed path, on this machine's device.
+
+    python benchmarks/generate_throughput.py                       # CPU: tiny model, fp32, torch kernels
+    python benchmarks/generate_throughput.py --config configs/cifar_ddpm.yaml --batch-size 256   # on a GPU
+
+Rows (the `path` column):
+  eager           the model as trained (fp32), the plain-torch sampler update
+  fused           + the fused Triton sampler-update kernel (CUDA only)
+  bf16+cl         + bf16 autocast and channels_last (CUDA only)
+  bf16+cl+graph   + the model forward replayed as a CUDA graph (CUDA only): what `generate` does by default
+  end-to-end      the whole `generate` command (sampling + PNG + tar + manifest) with its default speed path
+Weights are random (speed does not depend on them); the end-to-end row writes them as a real export first.
+The numbers are printed and written to a CSV that names the device.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace as dataclasses_replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.checkpoint import Inference, export_weights, weights_hash  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.factory import build_model  # noqa: E402
+
+SAMPLERS = (("ddim", 50), ("dpmpp", 20))
+# (name, precision, cuda graph, sampler-update backend); each builds on the one before it.
+PATHS = (("eager", "fp32", False, "torch"), ("fused", "fp32", False, "auto"),
+         ("bf16+cl", "bf16", False, "auto"), ("bf16+cl+graph", "bf16", True, "auto"))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(inference, sampler: str, steps: int, num: int, batch_size: int, device) -> float:
+    """Sampling only (no PNG): one warm-up batch (graph capture, autotuning), then `num` images timed."""
+    from pipeline.sample import sample_images
+
+    def batch(start: int, size: int):
+        return sample_images(inference, size, 0, sampler=sampler, steps=steps,
+                             sample_ids=torch.arange(start, start + size))
+
+    batch(0, batch_size)
+    synchronize(device)
+    began = time.perf_counter()
+    for start in range(0, num, batch_size):
+        batch(start, min(batch_size, num - start))
+    synchronize(device)
+    return num / (time.perf_counter() - began)
+
+
+def end_to_end(config, model, sampler: str, steps: int, num: int, batch_size: int, device) -> float:
+    """The `generate` command's images/s into a temporary folder, from a real export of the weights."""
+    from pipeline.generate import generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export = export_weights({k: v.cpu() for k, v in model.state_dict().items()}, config, 0, Path(tmp) / "run")
+        generate(export, Path(tmp) / "warm", batch_size, shard_size=batch_size, sampler=sampler, steps=steps,
+                 batch_size=batch_size, device=str(device), progress=False)  # capture/compile outside the clock
+        began = time.perf_counter()
+        generate(export, Path(tmp) / "out", num, shard_size=max(batch_size, num // 4), sampler=sampler, steps=steps,
+                 batch_size=batch_size, device=str(device), progress=False)
+        return num / (time.perf_counter() - began)
+
+
+def paths_for(device: torch.device):
+    return PATHS if device.type == "cuda" else PATHS[:1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/tiny.yaml", help="model config (tiny on CPU, cifar_ddpm on a GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--num", type=int, default=256, help="images timed per row")
+    p.add_argument("--csv", default="generate_throughput.csv", help="where to write the results")
+    args = p.parse_args()
+
+    from pipeline.generate import fast_inference
+
+    device = torch.device(args.device)
+    config = load_config(args.config)
+    torch.manual_seed(0)
+    model = build_model(config).to(device).eval()
+    base = Inference(model, config, 0, weights_hash(model.state_dict()), Path("random-weights"))
+    rows = []
+    for sampler, steps in SAMPLERS:
+        for name, precision, graph, backend in paths_for(device):
+            os.environ["DIFFUSION_KERNELS"] = backend  # read by kernels.dispatch at every call
+            fresh = dataclasses_replace(base, model=copy.deepcopy(model))  # channels_last converts in place
+            inference = fast_inference(fresh, precision=precision, cuda_graph=graph, compile_model=False)
+            rate = images_per_second(inference, sampler, steps, args.num, args.batch_size, device)
+            rows.append((sampler, steps, name, rate))
+            print(f"{sampler:6s} {steps:3d} steps  {name:14s} {rate:10.1f} images/s", flush=True)
+        os.environ.pop("DIFFUSION_KERNELS", None)
+        rate = end_to_end(config, model, sampler, steps, args.num, args.batch_size, device)
+        rows.append((sampler, steps, "end-to-end", rate))
+        print(f"{sampler:6s} {steps:3d} steps  {'end-to-end':14s} {rate:10.1f} images/s", flush=True)
+    write_csv(args.csv, rows, device_name(device), args, config)
+    return 0
+
+
+def write_csv(path: str, rows, device: str, args, config) -> None:
+    params = sum(p.numel() for p in build_model(config).parameters())
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["device", "torch", "config", "params", "batch_size", "sampler", "steps", "path", "images_per_s"])
+        for sampler, steps, name, rate in rows:
+            writer.writerow([device, torch.__version__, args.config, params, args.batch_size, sampler, steps, name,
+                             f"{rate:.1f}"])
+    print(f"wrote {path} ({device}, {params / 1e6:.2f}M parameters, batch {args.batch_size})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
