@@ -6,7 +6,8 @@ nothing. A DeepSpeed checkpoint is collective, so it cannot be taken from inside
 runs `python -m pipeline ...` as a child; on the signal the child finishes its step, checkpoints on all ranks and
 exits with 75 (EX_TEMPFAIL). Only then does rank 0 run submitit's handler (pickle + `scontrol requeue`), and the
 other ranks leave without a result file. The requeued job runs the same command: training resumes from the
-newest checkpoint (`--resume auto`), generation skips finished shards.
+newest checkpoint (`--resume auto`), generation skips finished shards. A command with no handler of its own
+(generation keeps each finished shard) is simply ended by the signal; that is treated as a stop, too.
 
 Signal delivery (verified on SLURM 22.05): SLURM signals every process of the job step, children included
 (even in another session), so under SLURM the child already has the signal and is not sent it again. The local

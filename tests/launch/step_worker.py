@@ -4,7 +4,8 @@ It counts `--steps` steps of `--step-seconds` each, keeping its step in OUT/stat
 SIGTERM it finishes the current step, saves and exits with 75; run again, it resumes from the saved step. Every
 start appends one JSON line to OUT/starts-RANK.jsonl with the rank variables it was given, and every stop/finish
 one line to OUT/events-RANK.jsonl with the signals it received (so a test sees double deliveries).
-`--fail` raises an exception with a recognisable message instead.
+`--fail` raises an exception with a recognisable message instead. `--no-handler` installs no signal handler and
+saves after every step, like `pipeline generate` (finished shards are kept): a stop signal simply ends it.
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="steps to run in total")
     parser.add_argument("--step-seconds", type=float, default=0.1, help="duration of one step")
     parser.add_argument("--fail", action="store_true", help="raise instead of running")
+    parser.add_argument("--no-handler", action="store_true", help="die on stop signals; save after every step")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,7 +44,7 @@ def main() -> int:
     state = out / f"state-{rank}.json"
     step = json.loads(state.read_text())["step"] if state.exists() else 0
     received: list[int] = []
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+    for sig in () if args.no_handler else (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: received.append(signum))
     append_line(out / f"starts-{rank}.jsonl", {"step": step, **{k: os.environ.get(k) for k in RANK_VARIABLES}})
     if args.fail:
@@ -50,6 +52,8 @@ def main() -> int:
     while step < args.steps:
         time.sleep(args.step_seconds)
         step += 1
+        if args.no_handler:
+            save_step(state, step)
         if received:
             save_step(state, step)
             append_line(out / f"events-{rank}.jsonl", {"stopped_at": step, "signals": received})

@@ -4,7 +4,7 @@ from submitit.slurm.slurm import SlurmJobEnvironment
 
 from launch.cli import main
 from launch.environment import child_environment, master_port, ranks_from_job_environment
-from launch.executors import Resources, local_parameters
+from launch.executors import Resources, local_parameters, resolve_cluster
 
 
 def sbatch_lines(capsys, *argv: str) -> list[str]:
@@ -92,3 +92,14 @@ def test_master_port_is_stable_per_job_and_changes_on_requeue():
     assert master_port("4242", 0) != master_port("4242", 1)
     ports = {master_port(str(job), 0) for job in range(1000)}
     assert len(ports) > 950 and all(20000 <= p < 40000 for p in ports)
+
+
+def test_auto_picks_slurm_only_where_sbatch_is_on_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resolve_cluster("auto") == "local"
+    with pytest.raises(RuntimeError, match="`sbatch` is not on PATH"):
+        resolve_cluster("slurm")
+    sbatch = tmp_path / "sbatch"
+    sbatch.write_text("#!/bin/sh\n")
+    sbatch.chmod(0o755)
+    assert resolve_cluster("auto") == "slurm" and resolve_cluster("local") == "local"

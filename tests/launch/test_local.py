@@ -29,12 +29,16 @@ def test_two_local_tasks_get_torchrun_variables(tmp_path):
     assert len({s["MASTER_PORT"] for s in starts}) == 1  # both ranks agree without talking to each other
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
+def start_job_with_time_limit_signal(tmp_path, *worker_args):
     # 1-minute limit, signal 50 s before it: the local controller sends SIGUSR2 ~10 s in, mid-run.
     executor = make_executor("local", tmp_path / "submitit",
                              Resources(tasks_per_node=2, time_min=1, signal_delay_s=50))
-    [job] = submit(executor, [worker_task(tmp_path, "--steps", "120", "--step-seconds", "0.1")])
-    results = job.results()
+    [job] = submit(executor, [worker_task(tmp_path, "--steps", "120", "--step-seconds", "0.1", *worker_args)])
+    return job
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
+    results = start_job_with_time_limit_signal(tmp_path).results()
     assert all(r["requeues"] >= 1 for r in results), results
     for rank in (0, 1):
         events = read_lines(tmp_path / f"events-{rank}.jsonl")
@@ -43,6 +47,16 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
         assert all(len(e["signals"]) <= 1 for e in events)  # forwarded once, not twice
         resumed_from = [s["step"] for s in read_lines(tmp_path / f"starts-{rank}.jsonl")]
         assert resumed_from[0] == 0 and resumed_from[1] == events[0]["stopped_at"]
+
+
+def test_a_command_without_signal_handler_is_requeued_and_continues(tmp_path):
+    # Like `pipeline generate`: the stop signal ends the command, its finished work stays, the rerun skips it.
+    results = start_job_with_time_limit_signal(tmp_path, "--no-handler").results()
+    assert all(r["requeues"] >= 1 for r in results), results
+    for rank in (0, 1):
+        resumed_from = [s["step"] for s in read_lines(tmp_path / f"starts-{rank}.jsonl")]
+        assert resumed_from[0] == 0 and 0 < resumed_from[1] < 120
+        assert read_lines(tmp_path / f"events-{rank}.jsonl") == [{"finished_at": 120, "signals": []}]
 
 
 def test_a_failing_command_surfaces_its_traceback(tmp_path):
