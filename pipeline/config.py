@@ -71,7 +71,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0  # set explicitly: DeepSpeed's own default is 1.0 too, but silently
+    grad_clip: float = 1.0  # global gradient-norm clipping (0 = off), the same at every ZeRO stage
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: int = 0
     ema_decay: float = 0.999

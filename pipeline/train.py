@@ -82,7 +82,7 @@ def deepspeed_config(config: Config) -> dict:
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,  # explicit: DeepSpeed 0.19 silently defaults to 1.0
+        "gradient_clipping": 0.0,  # explicit (0.19 silently defaults to 1.0): GuardedAdamW clips instead
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.precision == "bf16"},
@@ -105,30 +105,36 @@ def lr_lambda(config: Config):
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that skips (and counts) an update whose gradients are not finite on any rank.
+    """AdamW that clips by the global gradient norm, and skips (and counts) a non-finite update.
 
-    DeepSpeed calls `step()` on every rank at each accumulation boundary, at every ZeRO stage (on the fp32
-    partitions it owns), so the check sees exactly the gradients about to be applied, after clipping.
-    A non-finite loss shows up here too: its backward makes the gradients non-finite.
+    DeepSpeed calls `step()` on every rank at each accumulation boundary, at every ZeRO stage, with the
+    (unscaled) fp32 gradients this rank owns: all of them at ZeRO 0, its partition at ZeRO 1-3. Doing the
+    clipping here (DeepSpeed's own is set to 0) gives one definition of the norm at every stage, and the
+    pre-clipping norm for the logs. A non-finite loss shows up here too: its backward makes the gradients
+    non-finite, so the norm is.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.last_skipped = False
+    def __init__(self, params, *, grad_clip: float, partitioned: bool, **kwargs):
+        super().__init__(params, **kwargs)
+        self.grad_clip, self.partitioned = grad_clip, partitioned
+        self.last_skipped, self.last_grad_norm = False, 0.0
 
     @torch.no_grad()
     def step(self, closure=None):
         import torch.distributed as dist
 
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        finite = torch.tensor([float(all(torch.isfinite(g).all() for g in grads))])
-        if dist.is_initialized():
-            backend_device = grads[0].device if grads and dist.get_backend() == "nccl" else "cpu"
-            finite = finite.to(backend_device)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        self.last_skipped = finite.item() < 1
+        sumsq = torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else "cpu")
+        for g in grads:
+            sumsq += g.double().pow(2).sum()
+        if self.partitioned and dist.is_initialized():
+            dist.all_reduce(sumsq)  # partitions are disjoint: their squared norms add up
+        norm = sumsq.sqrt().item()
+        self.last_grad_norm, self.last_skipped = norm, not math.isfinite(norm)
         if self.last_skipped:
             return None
+        if self.grad_clip > 0 and norm > self.grad_clip:
+            torch._foreach_mul_(grads, self.grad_clip / (norm + 1e-6))
         return super().step(closure)
 
 
@@ -152,8 +158,8 @@ class Trainer:
         model = build_model(config)
         torch.manual_seed(t.seed * 1000 + self.rank + 1)  # dropout only; everything else is counter-based
         self.schedule = build_schedule(config).to(self.device) if config.model.type == "ddpm" else None
-        optimizer = GuardedAdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
-                                 weight_decay=t.weight_decay)
+        optimizer = GuardedAdamW(model.parameters(), grad_clip=t.grad_clip, partitioned=t.zero_stage > 0,
+                                 lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config),
@@ -336,9 +342,7 @@ class Trainer:
         dist.all_reduce(loss)
         record = {"step": self.step, "loss": loss.item() / self.world, "lr": self.lr_scheduler.get_last_lr()[0],
                   "images_per_s": images_per_s, "nonfinite_skipped": self.nonfinite_total}
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        record["grad_norm"] = self.optimizer.last_grad_norm  # before clipping
         extras = result["extra"]
         if extras and "bucket_sums" in extras[0]:
             sums = torch.stack([e["bucket_sums"] for e in extras]).sum(0).to(self.comm_device())
