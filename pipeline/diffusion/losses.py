@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -54,7 +52,7 @@ def training_losses(model, x0: torch.Tensor, t: torch.Tensor, schedule: Schedule
     `model(x_t, t, y)` predicts `prediction`; `t` (B,) int64 indexes the (full) schedule. Returns the kernels'
     `LossOutput(loss, per_sample, bucket_sums, bucket_counts)` with buckets = timestep quartiles.
     """
-    import kernels
+    import kernels  # lazily: importing triton (and so kernels) must wait until TRITON_INTERPRET is decided
 
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -209,7 +207,3 @@ class LossAwareSampler:
     def load_state_dict(self, state: dict) -> None:
         self._losses = np.array(state["losses"], dtype=np.float64)
         self._counts = np.array(state["counts"], dtype=np.int64)
-
-
-def nats_to_bits_per_dim(nats: torch.Tensor, num_dims: int) -> torch.Tensor:
-    return nats / (num_dims * math.log(2.0))

@@ -188,7 +188,7 @@ def sample(model_fn, shape, schedule: Schedule, *, sampler: str = "ddim", steps:
     that seed each sample's noise (default 0..N-1); `corrector_steps` Langevin steps follow every predictor
     step but the last; `guidance` w != 1 needs `y` and `null_class`.
     """
-    import kernels
+    import kernels  # lazily: importing triton (and so kernels) must wait until TRITON_INTERPRET is decided
 
     process.check_prediction(prediction)
     if corrector_steps < 0 or corrector_snr <= 0:
