@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import random
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -48,7 +47,6 @@ from pipeline.errors import PipelineError
 logger = logging.getLogger(__name__)
 FITS = ("resize", "pad")
 STATE_VERSION = 1
-TAR_BLOCK = 512
 MIN_SAMPLES_FOR_RUNNING_CHECK = 1000  # when the expected count is unknown, wait this long before judging
 
 
@@ -224,31 +222,10 @@ class Progress:
     consumed: int = 0
 
 
-def tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
-    """Regular members of a tar stream as webdataset's {fname, data, __url__} records.
-
-    Unlike a plain stream read, a member whose data is cut short raises: Python's tarfile ends
-    iteration silently at a truncated header, so truncation must be caught here and by `shard_problem`.
-    """
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            data = tar.extractfile(member).read()
-            if len(data) != member.size:
-                raise EOFError(f"member {member.name} has {len(data)} of its {member.size} bytes")
-            yield {"fname": member.name, "data": data, "__url__": url}
-            tar.members = []  # a stream read keeps no index
-
-
-def shard_problem(shard: ShardInfo, read: int) -> str | None:
-    """Why a shard that read without error is still incomplete (None when it is whole)."""
-    size = os.path.getsize(shard.path)
-    if size % TAR_BLOCK:
-        return f"truncated: {size} bytes is not a whole number of {TAR_BLOCK}-byte tar blocks"
-    if shard.num_samples is not None and read != shard.num_samples:
-        return f"holds {read} sample(s), the manifest says {shard.num_samples}"
-    return None
+def files_of(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """A tar's members as webdataset's {fname, data, __url__} records (the input of `group_by_keys`)."""
+    for name, data in shard_format.tar_members(stream):
+        yield {"fname": name, "data": data, "__url__": url}
 
 
 def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress) -> Iterator[dict[str, Any]]:
@@ -258,13 +235,15 @@ def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress) -> Ite
         read = 0
         try:
             with open(shard.path, "rb") as stream:
-                for sample in group_by_keys(tar_members(stream, shard.path)):
+                for sample in group_by_keys(files_of(stream, shard.path)):
                     read += 1
                     if plan.sample_split is None or position % plan.sample_split[0] == plan.sample_split[1]:
                         yield sample
                     position += 1
-            problem = shard_problem(shard, read)
-        except Exception as exn:  # tarfile/OS errors all mean the same: the rest of this shard is lost
+            problem = None
+            if shard.num_samples is not None and read != shard.num_samples:
+                problem = f"holds {read} sample(s), the manifest says {shard.num_samples}"
+        except Exception as exn:  # EOF/format/OS errors all mean the same: the rest of this shard is lost
             problem = f"truncated or unreadable after {read} sample(s): {type(exn).__name__}: {exn}"
         if problem and reports:
             lost = shard.num_samples - read if shard.num_samples is not None else 0
@@ -439,7 +418,10 @@ class StreamingLoader:
         self.epoch = int(state["epoch"])
         if state["layout"] != self._layout():
             # Another world size or worker count cannot replay the same batches: restart the saved epoch.
-            logger.warning("loader layout changed since the checkpoint (%s -> %s): restarting epoch %d from its "
+            # A resampled stream moves on to a fresh epoch instead of replaying its first one.
+            if self.config.resampled:
+                self.epoch = 1 + max(p["epoch"] for p in state["positions"])
+            logger.warning("loader layout changed since the checkpoint (%s -> %s): starting epoch %d from its "
                            "start", state["layout"], self._layout(), self.epoch)
             self._reset_positions(self.epoch)
             return
@@ -504,5 +486,7 @@ class StreamingLoader:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Good and bad samples this epoch (finite) or since the start (resampled), and the epoch."""
-        return {"epoch": self.epoch, "good": self.good, "bad": self.bad}
+        """Good and bad samples this epoch (finite) or since the start (resampled), and the epoch
+        (for a resampled stream: the furthest epoch any worker has reached)."""
+        epoch = max(p["epoch"] for p in self.positions) if self.config.resampled else self.epoch
+        return {"epoch": epoch, "good": self.good, "bad": self.bad}

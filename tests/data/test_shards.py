@@ -1,6 +1,8 @@
 import hashlib
+import io
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -123,3 +125,44 @@ def test_verify_shards_detects_missing_shard_and_wrong_count(small_set):
     assert any("shard-000002.tar: missing" in p for p in problems)
     assert any("shard-000000.tar: 5 samples, manifest says 6" in p for p in problems)
     assert any("num_samples 12 != sum over shards 13" in p for p in problems)
+
+
+def stdlib_tar(path, fmt):
+    """A tar written by Python's tarfile in `fmt`, with a directory, a long path and (pax) a non-ASCII name."""
+    members = {"a" * 60 + "/" + "b" * 60 + ".png": b"\x89PNG" * 300, "000000001.cls": b"3", "d/x.json": b"{}"}
+    if fmt == tarfile.PAX_FORMAT:
+        members["é" * 120 + ".json"] = b'{"a": 1}'
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.addfile(_dir_info("d"))
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return list(members.items())
+
+
+def _dir_info(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_reads_what_tarfile_writes(tmp_path, fmt):
+    expected = stdlib_tar(tmp_path / "t.tar", fmt)
+    with open(tmp_path / "t.tar", "rb") as stream:
+        assert list(shards.tar_members(stream)) == expected
+
+
+def test_tar_members_raises_on_every_truncation_and_on_corruption(tmp_path):
+    shards.write_shard(tmp_path / "s.tar", random_samples(3))
+    data = (tmp_path / "s.tar").read_bytes()
+    end_of_members = sum(shards.sample_tar_bytes(s) for s in random_samples(3))
+    for cut in range(0, end_of_members + 512, 100):
+        with pytest.raises(EOFError):
+            list(shards.tar_members(io.BytesIO(data[:cut])))
+    assert len(list(shards.tar_members(io.BytesIO(data[:end_of_members + 512])))) == 9  # one zero block ends it
+    corrupt = bytearray(data)
+    corrupt[1024 + 5] ^= 0x20  # a letter of the second member's name: header checksum no longer matches
+    with pytest.raises(shards.TarFormatError, match="checksum"):
+        list(shards.tar_members(io.BytesIO(bytes(corrupt))))

@@ -1,0 +1,91 @@
+"""Loader throughput: images/s (total and per worker) for 28x28 and 64x64 shards of real images.
+
+Builds shards in a temporary folder from real Fashion-MNIST test images (or, without the Debian package,
+the scikit-learn digits) resized to each size, then times whole epochs of `StreamingLoader` (decode,
+shuffle buffer, batching, normalisation; worker start-up included) for several worker counts.
+
+    OMP_NUM_THREADS=1 python benchmarks/loader_throughput.py [--images 4000] [--workers 0 1 2] [--csv out.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.data import shards
+from pipeline.data.ingest import FASHION_MNIST_DIR, load_source
+from pipeline.data.loader import StreamingLoader
+
+
+def real_images(count: int) -> tuple[np.ndarray, str]:
+    """Up to `count` real uint8 HxW images, repeated when the source is smaller."""
+    name = "fashion-mnist" if os.path.isdir(FASHION_MNIST_DIR) else "digits"
+    source = load_source(name, split="test") if name == "fashion-mnist" else load_source(name)
+    images = [image for image, _, _ in source.items()]
+    return np.stack([images[i % len(images)] for i in range(count)]), name
+
+
+def write_resized_shards(folder: Path, images: np.ndarray, size: int, channels: int, shard_size: int) -> None:
+    mode = "L" if channels == 1 else "RGB"
+    with shards.ShardWriter(folder, max_count=shard_size) as writer:
+        for i, image in enumerate(images):
+            resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC).convert(mode))
+            writer.add(shards.make_sample(i, shards.encode_png(resized), 0, {"source_index": i}))
+    shards.write_manifest(folder, shards.make_manifest(source="benchmark", image_size=(size, size),
+                                                       channels=channels, class_names=[], shards=writer.records))
+
+
+def time_epochs(folder: Path, size: int, channels: int, workers: int, epochs: int, batch_size: int) -> float:
+    """Images per second over `epochs` full epochs (worker start-up of each epoch included)."""
+    loader = StreamingLoader(folder, batch_size=batch_size, resolution=size, channels=channels,
+                             num_workers=workers, shuffle_buffer=1000)
+    start, count = time.perf_counter(), 0
+    for _ in range(epochs):
+        count += sum(len(batch.keys) for batch in loader)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=4000, help="images per shard set")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[28, 64], help="image sizes (square)")
+    parser.add_argument("--channels", type=int, nargs="+", default=[1, 3], help="channel counts to test")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="num_workers values")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs timed per setting")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size")
+    parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    args = parser.parse_args()
+
+    images, name = real_images(args.images)
+    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s)"
+    print(f"loader throughput: {args.images} real {name} images per set, batch {args.batch_size}, "
+          f"{args.epochs} epochs each, {device}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            for channels in args.channels:
+                folder = Path(tmp) / f"{size}x{size}x{channels}"
+                write_resized_shards(folder, images, size, channels, shard_size=500)
+                for workers in args.workers:
+                    rate = time_epochs(folder, size, channels, workers, args.epochs, args.batch_size)
+                    rows.append({"size": f"{size}x{size}", "channels": channels, "num_workers": workers,
+                                 "images_per_s": round(rate), "per_worker": round(rate / max(1, workers)),
+                                 "device": device})
+                    print(f"{size:>3}x{size:<3} C={channels} workers={workers}: {rate:8.0f} images/s "
+                          f"({rate / max(1, workers):8.0f} per worker)", flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
