@@ -125,9 +125,10 @@ def langevin_correct(model_fn, x, t, y, *, alpha_bar, alpha, snr: float, noise, 
     """One Langevin corrector step at noise level alpha_bar: x <- x + e s + sqrt(2 e) z, s = -eps_hat/sqrt(1-ab).
 
     Song et al. 2021 (Alg. 5, VP) set e = 2 alpha (snr |z| / |s|)^2 from per-sample (or batch-mean) norms. We
-    use those norms' values where x_t's spread is the noise, |z|^2 = D and |s|^2 = D / (1 - ab), giving
-    e = 2 alpha snr^2 (1 - ab): the same scale on images, but it never blows up where the score vanishes
-    (low dimension, a sample at a mode), it keeps a sample independent of its batch, and needs no norms.
+    use their typical values |z|^2 = D and |s|^2 = |eps_hat|^2 / (1 - ab) = D / (1 - ab) (a trained model's
+    eps_hat has norm ~sqrt(D)), giving e = 2 alpha snr^2 (1 - ab): Song's step on images, but it never blows
+    up where the score vanishes (low dimension, a sample at a mode), keeps a sample independent of its batch,
+    and needs no norms.
     """
     ab = alpha_bar.expand(x.shape[0])
     score = process.score_from_eps(_guided_eps(model_fn, x, t, y, guidance, null_class, ab, prediction), ab)
