@@ -8,6 +8,7 @@ Rows (the `path` column):
   fused           + the fused Triton sampler-update kernel (CUDA only)
   bf16+cl         + bf16 autocast and channels_last (CUDA only)
   bf16+cl+graph   + the model forward replayed as a CUDA graph (CUDA only): what `generate` does by default
+  +compile        + torch.compile of the model (`generate --compile`; with --compile here)
   end-to-end      the whole `generate` command (sampling + PNG + tar + manifest) with its default speed path
 Weights are random (speed does not depend on them); the end-to-end row writes them as a real export first.
 The numbers are printed and written to a CSV that names the device.
@@ -34,9 +35,10 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.factory import build_model  # noqa: E402
 
 SAMPLERS = (("ddim", 50), ("dpmpp", 20))
-# (name, precision, cuda graph, sampler-update backend); each builds on the one before it.
-PATHS = (("eager", "fp32", False, "torch"), ("fused", "fp32", False, "auto"),
-         ("bf16+cl", "bf16", False, "auto"), ("bf16+cl+graph", "bf16", True, "auto"))
+# (name, precision, cuda graph, sampler-update backend, torch.compile); each builds on the one before it.
+PATHS = (("eager", "fp32", False, "torch", False), ("fused", "fp32", False, "auto", False),
+         ("bf16+cl", "bf16", False, "auto", False), ("bf16+cl+graph", "bf16", True, "auto", False),
+         ("+compile", "bf16", True, "auto", True))
 
 
 def device_name(device: torch.device) -> str:
@@ -81,8 +83,8 @@ def end_to_end(config, model, sampler: str, steps: int, num: int, batch_size: in
         return num / (time.perf_counter() - began)
 
 
-def paths_for(device: torch.device):
-    return PATHS if device.type == "cuda" else PATHS[:1]
+def paths_for(device: torch.device, compiled: bool):
+    return (PATHS if compiled else PATHS[:-1]) if device.type == "cuda" else PATHS[:1]
 
 
 def main() -> int:
@@ -91,6 +93,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--num", type=int, default=256, help="images timed per row")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile row (CUDA; minutes to compile)")
     p.add_argument("--csv", default="generate_throughput.csv", help="where to write the results")
     args = p.parse_args()
 
@@ -103,10 +106,10 @@ def main() -> int:
     base = Inference(model, config, 0, weights_hash(model.state_dict()), Path("random-weights"))
     rows = []
     for sampler, steps in SAMPLERS:
-        for name, precision, graph, backend in paths_for(device):
+        for name, precision, graph, backend, compiled in paths_for(device, args.compile):
             os.environ["DIFFUSION_KERNELS"] = backend  # read by kernels.dispatch at every call
             fresh = dataclasses_replace(base, model=copy.deepcopy(model))  # channels_last converts in place
-            inference = fast_inference(fresh, precision=precision, cuda_graph=graph, compile_model=False)
+            inference = fast_inference(fresh, precision=precision, cuda_graph=graph, compile_model=compiled)
             rate = images_per_second(inference, sampler, steps, args.num, args.batch_size, device)
             rows.append((sampler, steps, name, rate))
             print(f"{sampler:6s} {steps:3d} steps  {name:14s} {rate:10.1f} images/s", flush=True)
