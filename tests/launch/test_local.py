@@ -71,7 +71,7 @@ def test_a_failing_command_surfaces_its_traceback(tmp_path):
 
 def test_cli_trains_two_local_tasks_with_the_real_trainer(tmp_path, digits_shards):
     run = tmp_path / "run"
-    proc = run_launch("train", "--cluster", "local", "--tasks-per-node", "2", "--time", "5", "--wait", "--",
+    proc = run_launch("train", "--cluster", "local", "--tasks-per-node", "2", "--time", "10", "--wait", "--",
                       *train_args(run, digits_shards, "train.steps=4", "train.ckpt_every=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "submitted 1 job(s) to local" in proc.stdout and f"{run}/.submitit" in proc.stdout

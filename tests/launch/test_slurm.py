@@ -47,7 +47,7 @@ def final_weights(run) -> tuple[str, dict]:
 def reference_run(tmp_path_factory, digits_shards):
     """An uninterrupted 2-task gloo training job, submitted like a user does and waited for."""
     run = tmp_path_factory.mktemp("slurm") / "reference"
-    proc = run_launch("train", "--cluster", "slurm", "--tasks-per-node", "2", "--time", "5", "--wait", "--",
+    proc = run_launch("train", "--cluster", "slurm", "--tasks-per-node", "2", "--time", "10", "--wait", "--",
                       *train_args(run, digits_shards, *TRAIN))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return run, proc.stdout
@@ -69,7 +69,7 @@ def test_two_task_training_job_trains_and_checkpoints(reference_run):
 
 def test_preempted_job_is_requeued_and_resumes_to_the_same_weights(reference_run, tmp_path, digits_shards):
     run = tmp_path / "preempted"
-    proc = run_launch("train", "--cluster", "slurm", "--tasks-per-node", "2", "--time", "5", "--",
+    proc = run_launch("train", "--cluster", "slurm", "--tasks-per-node", "2", "--time", "10", "--",
                       *train_args(run, digits_shards, *TRAIN))
     assert proc.returncode == 0, proc.stderr[-4000:]
     job_id = submitted_job_id(proc.stdout)
@@ -95,7 +95,7 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_weights(reference_run
 def test_a_job_that_raises_surfaces_its_traceback(tmp_path, digits_shards):
     run = tmp_path / "broken"
     # Two injected non-finite steps with max_nonfinite=2: the trainer raises FloatingPointError on every rank.
-    proc = run_launch("train", "--cluster", "slurm", "--tasks-per-node", "2", "--time", "5", "--wait", "--",
+    proc = run_launch("train", "--cluster", "slurm", "--tasks-per-node", "2", "--time", "10", "--wait", "--",
                       *train_args(run, digits_shards, "train.steps=10", "train.max_nonfinite=2",
                                   "train.fault_nonfinite_steps=[1,2]"))
     assert proc.returncode == 1
@@ -113,7 +113,7 @@ def test_generation_array_equals_a_single_process_run_byte_for_byte(reference_ru
     subprocess.run([sys.executable, "-m", "pipeline", "generate", *generate, "--out", str(single)], cwd=REPO,
                    env=job_env(), check=True, capture_output=True, timeout=600)
     array = tmp_path / "array"
-    proc = run_launch("generate", "--cluster", "slurm", "--array", "3", "--time", "5", "--wait", "--",
+    proc = run_launch("generate", "--cluster", "slurm", "--array", "3", "--time", "10", "--wait", "--",
                       *generate, "--out", str(array))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "submitted 3 job(s) to slurm" in proc.stdout
