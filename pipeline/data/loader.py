@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
@@ -89,7 +88,7 @@ def resolve_shards(path: str | os.PathLike) -> list[ShardInfo]:
 
 def expand_pattern(pattern: str) -> list[str]:
     names, missing = [], []
-    for expanded in braceexpand.braceexpand(pattern):
+    for expanded in wds.shardlists.expand_urls(pattern):  # braces, and '::' between patterns
         if glob.has_magic(expanded):
             names += sorted(glob.glob(expanded))
         elif os.path.isfile(expanded):
@@ -123,9 +122,10 @@ def decode_image(png: bytes, resolution: int, channels: int, fit: str = "resize"
     the shorter side to the resolution (bicubic) and centre-crops; `fit="pad"` centre-pads with black
     (or centre-crops when larger) without resampling.
     """
-    with Image.open(io.BytesIO(png)) as img:
-        img.load()
-        img = img.convert("L" if channels == 1 else "RGB")
+    img = Image.open(io.BytesIO(png))
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode != mode:  # convert() copies even when the mode already matches: skip it then
+        img = img.convert(mode)
     if img.size != (resolution, resolution):
         img = resize_and_crop(img, resolution) if fit == "resize" else pad_or_crop(img, resolution)
     array = np.asarray(img, dtype=np.uint8)
