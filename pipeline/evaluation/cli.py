@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "capped at the set's size")
     parser.add_argument("--features", choices=["auto", *sorted(FEATURE_NETS)], default="auto",
                         help="feature network; auto = the one trained on the real set's source / image size")
+    parser.add_argument("--fit", choices=["auto", "resize", "crop"], default="auto",
+                        help="how images of another size meet the network: crop (undo data.fit: pad), resize, "
+                             "or auto (crop a border of up to 25%%, else resize)")
     parser.add_argument("--knn-k", type=int, default=3, help="k of the k-NN precision/recall manifolds")
     parser.add_argument("--likelihood-num", type=int, default=256,
                         help="held-out real images used for the likelihood (the ODE NLL is costly)")
@@ -74,7 +77,7 @@ def _sample_quality(args: argparse.Namespace) -> dict:
         raise EvaluationError(f"k-NN precision/recall with --knn-k {args.knn_k} needs more samples than that "
                               f"in each set (got {len(real.images)} real, {len(fake.images)} fake)")
     result = sample_quality(real.images, fake.images, net, knn_k=args.knn_k, real_labels=real.labels,
-                            seed=args.seed)
+                            seed=args.seed, fit=args.fit)
     return {**result, "fake": str(args.fake), "real_total": real.total, "fake_total": fake.total}
 
 

@@ -97,22 +97,43 @@ def feature_net_for(source: str | dict | None, image_size) -> str:
         f"pass --features one of {sorted(FEATURE_NETS)}")
 
 
-def to_network_input(images: torch.Tensor, input_size: int) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float (B, 1, input_size, input_size) in [0, 1]: grey, resized if needed."""
+FITS = ("auto", "resize", "crop")
+
+
+def _centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def to_network_input(images: torch.Tensor, input_size: int, fit: str = "auto") -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float (B, 1, input_size, input_size) in [0, 1]: grey, then fitted.
+
+    `fit="crop"` centre-crops (undoes the trainer's `data.fit: pad`, e.g. Fashion-MNIST 28 -> 32);
+    `"resize"` resamples bilinearly; `"auto"` crops when the image exceeds the input by at most a quarter
+    of its size on each axis (a pad border) and resizes otherwise."""
+    if fit not in FITS:
+        raise EvaluationError(f"fit must be one of {FITS}, got {fit!r}")
     x = images.float() / 255.0
     if x.shape[1] != 1:
         x = x.mean(dim=1, keepdim=True)  # RGB -> grey: the networks were trained on grey images
-    if x.shape[-2:] != (input_size, input_size):
-        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
-    return x
+    height, width = x.shape[-2:]
+    if (height, width) == (input_size, input_size):
+        return x
+    pad_like = input_size <= min(height, width) and max(height, width) <= input_size * 1.25
+    if fit == "crop" or (fit == "auto" and pad_like):
+        if min(height, width) < input_size:
+            raise EvaluationError(f"cannot crop {height}x{width} images to {input_size}x{input_size}")
+        return _centre_crop(x, input_size)
+    return F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
 
 
 @torch.no_grad()
-def extract(net: ConvClassifier, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(net: ConvClassifier, images: torch.Tensor, batch_size: int = 512,
+            fit: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(features float64 (N, D), class probabilities float64 (N, K)) for uint8 images (N, C, H, W)."""
     feats, probs = [], []
     for start in range(0, len(images), batch_size):
-        f, logits = net(to_network_input(images[start:start + batch_size], net.input_size))
+        f, logits = net(to_network_input(images[start:start + batch_size], net.input_size, fit))
         feats.append(f.double())
         probs.append(logits.double().softmax(dim=1))
     return torch.cat(feats), torch.cat(probs)

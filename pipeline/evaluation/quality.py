@@ -8,15 +8,16 @@ from pipeline.evaluation.features import extract, load_feature_net
 
 
 def sample_quality(real: torch.Tensor, fake: torch.Tensor, net_name: str, *, knn_k: int = 3,
-                   real_labels: torch.Tensor | None = None, seed: int = 0) -> dict:
+                   real_labels: torch.Tensor | None = None, seed: int = 0, fit: str = "auto") -> dict:
     """Metrics comparing uint8 image batches (N, C, H, W); keys carry the feature network's name.
 
+    `fit` says how images of another size reach the network (see `features.to_network_input`).
     `real_labels` (-1 = unknown) adds the classifier's accuracy on the real set: a check that the feature
     space fits this data (a low value means the metric says little about it).
     """
     net, record = load_feature_net(net_name)
-    real_features, real_probs = extract(net, real)
-    fake_features, fake_probs = extract(net, fake)
+    real_features, real_probs = extract(net, real, fit=fit)
+    fake_features, fake_probs = extract(net, fake, fit=fit)
     kid_mean, kid_std = metrics.kid(real_features, fake_features, seed=seed)
     precision, recall = metrics.knn_precision_recall(real_features, fake_features, k=knn_k)
     result = {

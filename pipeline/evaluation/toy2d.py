@@ -62,9 +62,9 @@ def ring_mixture(count: int = 8, radius: float = 0.6, std: float = 0.05) -> Gaus
     return GaussianMixture2D(tuple((radius * math.cos(a), radius * math.sin(a)) for a in angles), std)
 
 
-def two_moons(noise: float = 0.04, arc_points: int = 2048) -> GaussianMixture2D:
+def two_moons(noise: float = 0.04, arc_points: int = 1024) -> GaussianMixture2D:
     """Two interleaved half circles (sklearn's make_moons, scaled into [-1, 1]) plus Gaussian noise.
-    Uniform on the arcs, the density is a continuous mixture; `arc_points` quadrature nodes spaced ~100x
+    Uniform on the arcs, the density is a continuous mixture; `arc_points` quadrature nodes spaced ~10x
     finer than `noise` make the mixture form exact to well below sampling error."""
     theta = (np.arange(arc_points // 2) + 0.5) * math.pi / (arc_points // 2)
     upper = np.stack([np.cos(theta), np.sin(theta)], 1)
@@ -114,8 +114,8 @@ class MLPDenoiser(nn.Module):
     sinusoidal t embedding, then an SiLU MLP.
 
     The Fourier features (sin/cos of pi 2^k x) let a small MLP resolve modes much narrower than the data
-    range within a CI-sized budget: on the 8-Gaussian ring, 1500 steps reach an energy distance of ~7e-4
-    with them and ~2e-2 without (no better than a single fitted Gaussian)."""
+    range within a CI-sized budget: on the 8-Gaussian ring (eps target), 1500 steps reach an energy
+    distance of ~7e-4 with them and ~2e-2 without (no better than a single fitted Gaussian)."""
 
     def __init__(self, hidden: int = 128, depth: int = 3, time_dim: int = 32, num_freqs: int = 6):
         super().__init__()
@@ -144,7 +144,7 @@ class ToyConfig:
     lr: float = 3e-3
     timesteps: int = 1000
     schedule: str = "linear"
-    prediction: str = "eps"
+    prediction: str = "v"  # at 1500 steps: KL(p || model) 0.48 nats with v, 2.4 with eps (eps is poor at small t)
     seed: int = 0
 
 
@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-eval", type=int, default=2000, help="samples per metric")
     parser.add_argument("--samplers", default="ddim:50,dpmpp:20,ddpm:1000",
                         help="comma-separated sampler:steps pairs to score")
-    parser.add_argument("--prediction", choices=["eps", "x0", "v"], default="eps", help="what the MLP predicts")
+    parser.add_argument("--prediction", choices=["eps", "x0", "v"], default=ToyConfig.prediction,
+                        help="what the MLP predicts")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation, batches and noise")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
