@@ -31,7 +31,6 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
