@@ -175,7 +175,8 @@ def _finish_loss_kernel(partial_ptr, weights_ptr, buckets_ptr, per_sample_ptr, l
                         bucket_counts_ptr, B, BLOCKS, inv_n, HAS_WEIGHTS: tl.constexpr,
                         HAS_BUCKETS: tl.constexpr, NUM_BUCKETS: tl.constexpr, BUCKETS_POW2: tl.constexpr,
                         ROWS: tl.constexpr, COLS: tl.constexpr):
-    """One program: partial sums (B, BLOCKS) -> per-sample losses, weighted mean, bucket sums/counts."""
+    """One program: partial sums (B, BLOCKS) -> per-sample losses, weighted mean, bucket sums/counts
+    (written as zeros without buckets)."""
     bucket_ids = tl.arange(0, BUCKETS_POW2)
     bucket_sums = tl.zeros([BUCKETS_POW2], tl.float32)
     bucket_counts = tl.zeros([BUCKETS_POW2], tl.int64)
@@ -242,8 +243,6 @@ def launch_loss(model_out, x0, alpha_bar, weights, sample_ids, buckets, seed, st
     loss = torch.empty((), dtype=torch.float32, device=device)
     sums = torch.empty(options.num_buckets, dtype=torch.float32, device=device)
     counts = torch.empty(options.num_buckets, dtype=torch.int64, device=device)
-    if buckets is None:
-        sums.zero_(), counts.zero_()
     rows = min(next_pow2(batch), 64 if interpreter_active() else 128)
     cols = min(next_pow2(blocks), 64)
     _finish_loss_kernel[(1,)](

@@ -24,9 +24,10 @@ def per_sample_inputs(batch, seed):
 def test_q_sample_matches_reference_and_writes_every_element(shape, dtype):
     x0 = random_batch(shape[0], shape[1:], dtype, 1)
     alpha_bar, ids = per_sample_inputs(shape[0], 2)
-    x_t = launch_q_sample(x0, alpha_bar, 1234, ids, 17, poisoned(shape, dtype), block_size=64)
+    seed = 2**63 + 1234  # a 64-bit seed: both key words matter
+    x_t = launch_q_sample(x0, alpha_bar, seed, ids, 17, poisoned(shape, dtype), block_size=64)
     assert not x_t.isnan().any()
-    torch.testing.assert_close(x_t, q_sample_reference(x0, alpha_bar, 1234, ids, 17), **tolerance(dtype))
+    torch.testing.assert_close(x_t, q_sample_reference(x0, alpha_bar, seed, ids, 17), **tolerance(dtype))
 
 
 def test_q_sample_same_noise_across_block_sizes_batches_and_memory_formats():
