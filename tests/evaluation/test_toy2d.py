@@ -1,5 +1,4 @@
 """Item 3: the 2-D known-density benchmark (points in shards -> training -> shared sampler) and its parts."""
-import math
 
 import pytest
 import torch
