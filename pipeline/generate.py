@@ -158,28 +158,37 @@ def spec_differences(old: dict, new: dict) -> list[str]:
 def claim_folder(out: Path, spec: dict) -> None:
     """Make `out` a generation folder for `spec`, or check that it already is one; refuse anything else.
 
-    generation.json is created with a hard link from a complete temporary file, which fails if the name
-    exists: of several tasks starting at once exactly one writes it, and the others compare against it.
+    generation.json is created first (before done/, shards or the manifest) with a hard link from a complete
+    temporary file, which fails if the name exists: of several tasks starting at once exactly one writes it,
+    and the others compare against it.
     """
     if out.exists() and not out.is_dir():
         raise GenerateError(f"--out {out} exists and is not a folder")
     spec_path = out / SPEC_NAME
-    if out.is_dir() and not spec_path.exists():
-        if (out / shards.MANIFEST_NAME).exists():
-            raise GenerateError(f"--out {out} holds a data set that generate did not write (a manifest.json without "
-                                f"{SPEC_NAME}); choose another --out")
-        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-        if foreign:
-            raise GenerateError(f"--out {out} is not empty and is not a generation folder (holds "
-                                f"{', '.join(foreign[:3])}); choose another --out")
-    (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
     if not spec_path.exists():
+        refuse_foreign_content(out)
+        out.mkdir(parents=True, exist_ok=True)
         _create_exclusively(spec_path, (json.dumps(spec, indent=1, sort_keys=True) + "\n").encode())
-    existing = _read_json(spec_path)
-    diffs = spec_differences(existing, spec)
+    (out / DONE_DIR).mkdir(exist_ok=True)
+    diffs = spec_differences(_read_json(spec_path), spec)
     if diffs:
         raise GenerateError(f"--out {out} holds samples generated with other settings ({'; '.join(diffs)}); "
                             "use the same settings to resume, or choose another --out")
+
+
+def refuse_foreign_content(out: Path) -> None:
+    """Refuse a folder without generation.json that holds anything but our temporary (dot) files."""
+    if not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if (out / SPEC_NAME).exists():
+        return  # another task claimed the folder while we looked (it writes the spec before anything else)
+    if shards.MANIFEST_NAME in names:
+        raise GenerateError(f"--out {out} holds a data set that generate did not write (a manifest.json without "
+                            f"{SPEC_NAME}); choose another --out")
+    if names:
+        raise GenerateError(f"--out {out} is not empty and is not a generation folder (holds "
+                            f"{', '.join(names[:3])}); choose another --out")
 
 
 def _create_exclusively(path: Path, data: bytes) -> None:
@@ -403,6 +412,8 @@ def generate(checkpoint: str, out: str | Path, num_samples: int, *, shard_size: 
     total = num_shards(num_samples, shard_size)
     check_split(total, task_index, num_tasks, rank, world_size)
     device = torch.device(device or default_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # graph capture and side streams use the current device
     inference = load_model(checkpoint, str(device))
     precision = resolve_precision(precision, device)
     generator = resolve_generator(inference, sampler=sampler, steps=steps, eta=eta, guidance=guidance,

@@ -107,3 +107,17 @@ def test_class_conditional_labels_and_guidance(cond_run, tmp_path):
 def test_default_classes_cycle_over_all_classes(cond_run, tmp_path):
     assert generate(cond_run, tmp_path / "gen", 12) == 0
     assert [s["cls"] for s in read_samples(tmp_path / "gen")] == [i % 10 for i in range(12)]
+
+
+def test_tasks_starting_at_once_all_claim_the_same_folder(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.generate import SPEC_NAME, claim_folder
+
+    spec = {"generator": {"model_hash": "abc", "seed": 0}, "num_samples": 10, "shard_size": 5}
+    for attempt in range(20):
+        out = tmp_path / f"gen{attempt}"
+        with ThreadPoolExecutor(8) as pool:
+            errors = [f.exception() for f in [pool.submit(claim_folder, out, spec) for _ in range(8)]]
+        assert errors == [None] * 8
+        assert sorted(p.name for p in out.iterdir()) == ["done", SPEC_NAME]
