@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -192,14 +193,20 @@ def refuse_foreign_content(out: Path) -> None:
 
 
 def _create_exclusively(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shards.atomic_write_bytes(tmp, data)
+    """Write `path` complete or not at all, and only if it does not exist (a unique temporary name per writer:
+    tasks on different nodes may share a pid)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.link(tmp, path)
     except FileExistsError:
         pass  # another task created it first: the caller compares against theirs
     finally:
-        tmp.unlink(missing_ok=True)
+        os.unlink(tmp)
 
 
 def _read_json(path: Path) -> dict:
