@@ -419,7 +419,7 @@ def generate(checkpoint: str, out: str | Path, num_samples: int, *, shard_size: 
     total = num_shards(num_samples, shard_size)
     check_split(total, task_index, num_tasks, rank, world_size)
     device = torch.device(device or default_device())
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # graph capture and side streams use the current device
     inference = load_model(checkpoint, str(device))
     precision = resolve_precision(precision, device)
