@@ -29,8 +29,7 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         d = self.current_decay()
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(local_data(p).float(), 1 - d)
+        torch._foreach_lerp_(self.shadow, [local_data(p).float() for p in self.params], 1 - d)
         self.updates += 1
 
     def state_dict(self) -> dict:

@@ -124,9 +124,10 @@ class GuardedAdamW(torch.optim.AdamW):
         import torch.distributed as dist
 
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        sumsq = torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else "cpu")
-        for g in grads:
-            sumsq += g.double().pow(2).sum()
+        device = grads[0].device if grads else "cpu"
+        sumsq = torch.zeros(1, dtype=torch.float64, device=device)
+        if grads:  # one fused multi-tensor kernel, not one launch per parameter
+            sumsq += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
         if self.partitioned and dist.is_initialized():
             dist.all_reduce(sumsq)  # partitions are disjoint: their squared norms add up
         norm = sumsq.sqrt().item()

@@ -139,7 +139,9 @@ class UNet(nn.Module):
                                                                          padding=1)))
 
     def embed(self, t: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t.expand(batch) if t.dim() == 0 else t, self.base_channels))
+        sinusoid = timestep_embedding(t.expand(batch) if t.dim() == 0 else t, self.base_channels)
+        # computed in fp32 (precision of large t), then cast: under bf16/fp16 training the weights are low precision
+        emb = self.time_embed(sinusoid.to(self.time_embed[0].weight.dtype))
         if self.class_embed is None:
             if y is not None:
                 raise ValueError("this UNet is unconditional (num_classes=None) but got class labels y")

@@ -90,6 +90,8 @@ class VAE(nn.Module):
     def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """Per-sample negative-ELBO terms in nats: {"recon", "kl", "nelbo"} (each (B,))."""
         params, mu, logvar = self(x, generator)
+        # the bound in fp32 whatever the training precision (bf16 has no log_ndtr, and sums of many terms)
+        x, params, mu, logvar = x.float(), params.float(), mu.float(), logvar.float()
         recon, kl = self.reconstruction_nll(x, params), gaussian_kl_standard_normal(mu, logvar)
         return {"recon": recon, "kl": kl, "nelbo": recon + kl}
 
