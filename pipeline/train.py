@@ -220,8 +220,11 @@ class Trainer:
         while True:
             produced = False
             for batch in self.loader:
-                produced = True
-                yield batch
+                # a worker's last batch of an epoch is usually partial: drop it, so every micro-batch has the
+                # same size on every rank and the global sample ids (noise, timesteps) never overlap
+                if len(batch.labels) == self.config.train.micro_batch:
+                    produced = True
+                    yield batch
             if not produced:
                 raise RuntimeError(f"rank {self.rank}: the loader produced no batch from {self.config.data.shards}")
 
@@ -231,7 +234,7 @@ class Trainer:
 
     def micro_loss(self, batch, micro_index: int) -> tuple[torch.Tensor, dict]:
         x0 = batch.images.to(self.device, self.dtype)
-        b = x0.shape[0]
+        b = self.config.train.micro_batch
         lo, hi = self.rank * b, (self.rank + 1) * b  # this rank's slice of the global micro-batch
         if self.config.model.type == "vae":
             loss, metrics = self.engine.module.loss(x0, beta=self.config.model.kl_weight)
