@@ -61,6 +61,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+        torch.backends.cudnn.benchmark = True  # fixed image shapes: let cuDNN pick the fastest convolutions
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
