@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.evaluation.features import FEATURE_NETS
+from pipeline.evaluation import FEATURE_NET_NAMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, default=10000,
                         help="samples drawn (seeded, without replacement) from each set for sample quality, "
                              "capped at the set's size")
-    parser.add_argument("--features", choices=["auto", *sorted(FEATURE_NETS)], default="auto",
+    parser.add_argument("--features", choices=["auto", *FEATURE_NET_NAMES], default="auto",
                         help="feature network; auto = the one trained on the real set's source / image size")
     parser.add_argument("--fit", choices=["auto", "resize", "crop"], default="auto",
                         help="how images of another size meet the network: crop (undo data.fit: pad), resize, "

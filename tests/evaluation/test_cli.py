@@ -65,6 +65,7 @@ def test_same_seed_same_subset_and_metrics(capsys, shard_sets):
 @pytest.mark.parametrize("bad, message", [
     (("--fake", "{tmp}/missing"), "does not exist"),
     (("--fake", "{tmp}"), "manifest.json"),
+    ((), "nothing to evaluate"),
     (("--features", "fashionnet", "--fake", "{held_out}"), None),  # fine: resized, must not crash
 ])
 def test_bad_input_is_named(capsys, shard_sets, tmp_path, bad, message):
