@@ -55,9 +55,11 @@ def _mmd2_unbiased(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor) -
 def kid(a, b, subset_size: int = 1000, num_subsets: int = 100,
         seed: int = 0) -> tuple[float, float]:
     """KID (Bińkowski et al. 2018): unbiased MMD^2 with the cubic kernel (x.y/d + 1)^3, mean and std over
-    random subsets. Unlike the Fréchet distance it is unbiased at small sample counts."""
+    random subsets of min(subset_size, half of each set). Unlike the Fréchet distance it is unbiased at
+    small sample counts."""
     a, b = _check_pair(a, b)
-    size = min(subset_size, len(a), len(b))
+    # at most half of each set, so the subsets differ and the std says something (unbiased at any size)
+    size = max(2, min(subset_size, len(a) // 2, len(b) // 2))
     gen = torch.Generator().manual_seed(seed)
     dim = a.shape[1]
     values = []
