@@ -28,7 +28,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +36,7 @@ import torch
 
 from pipeline.data import shards
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_open
 
 SPEC_NAME = "generation.json"
 SPEC_FORMAT = "pipeline-generation/1"
@@ -193,20 +193,12 @@ def refuse_foreign_content(out: Path) -> None:
 
 
 def _create_exclusively(path: Path, data: bytes) -> None:
-    """Write `path` complete or not at all, and only if it does not exist (a unique temporary name per writer:
-    tasks on different nodes may share a pid)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `path` complete or not at all, and only if it does not exist."""
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path, exclusive=True) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.link(tmp, path)
     except FileExistsError:
         pass  # another task created it first: the caller compares against theirs
-    finally:
-        os.unlink(tmp)
 
 
 def _read_json(path: Path) -> dict:

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
@@ -24,6 +23,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_open, atomic_write_bytes  # noqa: F401 (atomic_write_bytes: part of this API)
 
 FORMAT = "webdataset-png-v1"
 MANIFEST_NAME = "manifest.json"
@@ -42,38 +42,6 @@ class ManifestError(PipelineError, ValueError):
 
 
 # ---------------------------------------------------------------- atomic files and hashes
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, fsync, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (a crash right after must not lose the new name)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: str | os.PathLike) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -138,23 +106,13 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> d
     Generation uses this directly to write shards with fixed sample-id ranges.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # Fixed owner/mode/mtime: identical samples give an identical file.
-            with wds.TarWriter(f, encoder=False, mtime=0, user="", group="", mode=0o444) as writer:
-                for sample in samples:
-                    writer.write(sample)
-                    count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path) as f:
+        # Fixed owner/mode/mtime: identical samples give an identical file.
+        with wds.TarWriter(f, encoder=False, mtime=0, user="", group="", mode=0o444) as writer:
+            for sample in samples:
+                writer.write(sample)
+                count += 1
     return {"name": path.name, "num_samples": count, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
