@@ -21,13 +21,6 @@ def run_module(*args: str, env: dict | None = None, check: bool = True) -> subpr
     return proc
 
 
-@pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "digits"
-    run_module("pipeline", "prepare", "--source", "digits", "--out", str(out), "--no-progress")
-    return out
-
-
 def train(run_dir: Path, shards: Path, *overrides: str) -> Path:
     run_module("pipeline", "train", "--config", "configs/tiny.yaml", "--out", str(run_dir), f"data.shards={shards}",
                *OVERRIDES, *overrides)

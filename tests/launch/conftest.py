@@ -30,14 +30,6 @@ def run_launch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("launch-data") / "digits"
-    subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--source", "digits", "--out", str(out),
-                    "--shard-size", "300"], check=True, cwd=REPO, capture_output=True)
-    return out
-
-
-@pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     """The local test cluster (tests/slurm/start.sh). Skipped without `sbatch` outside CI; in CI (CI set) a
     missing or broken cluster fails loudly, so the SLURM tests can never be skipped silently there."""

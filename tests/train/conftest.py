@@ -4,21 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # Small enough that a run of a few dozen steps takes seconds on 2 CPU cores.
 FAST = ["model.base_channels=8", "model.attention_resolutions=[4]", "train.micro_batch=16", "train.warmup_steps=2",
         "train.log_every=1", "train.sample_every=0", "train.num_sample_images=4", "diffusion.sample_steps=4",
         "train.ema_warmup_steps=2"]
-
-
-@pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "digits"
-    subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--source", "digits", "--out", str(out),
-                    "--shard-size", "300"], check=True, cwd=REPO, capture_output=True)
-    return out
 
 
 def train_command(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
