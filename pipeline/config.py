@@ -24,7 +24,8 @@ class ConfigError(PipelineError, ValueError):
 @dataclass
 class DataConfig:
     shards: str = "data/digits"  # shard folder (with manifest.json) or a brace pattern of .tar files
-    resolution: int = 8  # images are resized/padded to resolution x resolution
+    resolution: int = 8  # images are resized/padded to resolution x resolution (height x width)
+    width: Optional[int] = None  # set for non-square images (e.g. 2-D points stored as 1x2 images)
     channels: int = 1
     fit: Literal["resize", "pad"] = "resize"  # how images of another size reach `resolution`
     hflip: bool = False
@@ -37,6 +38,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     type: Literal["ddpm", "vae"] = "ddpm"
+    network: Literal["unet", "mlp"] = "unet"  # the DDPM's denoiser; mlp for low-dimensional data (2-D points)
+    mlp_hidden: int = 128
+    mlp_depth: int = 3
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])
     num_res_blocks: int = 1

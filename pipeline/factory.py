@@ -13,6 +13,10 @@ def build_model(config: Config) -> torch.nn.Module:
 
         return VAE(in_channels=d.channels, base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
                    latent_channels=m.latent_channels, image_size=d.resolution, likelihood=m.likelihood)
+    if m.network == "mlp":
+        from pipeline.models.mlp import MLPDenoiser
+
+        return MLPDenoiser((d.channels, *image_shape(config)), hidden=m.mlp_hidden, depth=m.mlp_depth)
     from pipeline.models.unet import UNet
 
     return UNet(in_channels=d.channels, base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
@@ -24,3 +28,8 @@ def build_schedule(config: Config):
     from pipeline.diffusion.schedule import make_schedule
 
     return make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+
+
+def image_shape(config: Config) -> tuple[int, int]:
+    """(height, width) of the training images."""
+    return config.data.resolution, config.data.width or config.data.resolution

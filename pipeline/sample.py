@@ -35,13 +35,13 @@ def sample_images(inference, num: int, seed: int = 0, *, sampler: str | None = N
     if cfg.model.type == "vae":
         return model.sample(num, generator=torch.Generator(device).manual_seed(seed)).clamp(-1, 1)
     from pipeline.diffusion.samplers import sample
-    from pipeline.factory import build_schedule
+    from pipeline.factory import build_schedule, image_shape
 
     d = cfg.diffusion
     y = None
     if cfg.model.num_classes is not None:
         y = (ids % cfg.model.num_classes if labels is None else labels).to(device)
-    shape = (num, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    shape = (num, cfg.data.channels, *image_shape(cfg))
     with torch.no_grad():
         x = sample(lambda x, t, y: model(x, t, y), shape, build_schedule(cfg).to(device),
                    sampler=sampler or d.sampler, steps=steps or d.sample_steps, eta=eta,

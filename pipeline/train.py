@@ -209,9 +209,11 @@ class Trainer:
 
     def build_loader(self):
         from pipeline.data.loader import StreamingLoader
+        from pipeline.factory import image_shape
 
         d, t = self.config.data, self.config.train
-        return StreamingLoader(d.shards, batch_size=t.micro_batch, resolution=d.resolution, channels=d.channels,
+        return StreamingLoader(d.shards, batch_size=t.micro_batch, resolution=image_shape(self.config),
+                               channels=d.channels,
                                seed=t.seed, rank=self.rank, world_size=self.world, num_workers=d.num_workers,
                                shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, resampled=d.resampled,
                                max_bad_fraction=d.max_bad_fraction, fit=d.fit)

@@ -31,7 +31,7 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -114,34 +114,41 @@ def counts_from_manifest(shard_path: str) -> int | None:
 
 
 # ---------------------------------------------------------------- decoding
-def decode_image(png: bytes, resolution: int, channels: int, fit: str = "resize") -> np.ndarray:
-    """PNG bytes -> uint8 (C, H, W) at `resolution` with `channels` (1 = L, 3 = RGB).
+def image_size(resolution: int | Sequence[int]) -> tuple[int, int]:
+    """`resolution` as (height, width): an int means a square image."""
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    return int(h), int(w)
+
+
+def decode_image(png: bytes, resolution: int | Sequence[int], channels: int, fit: str = "resize") -> np.ndarray:
+    """PNG bytes -> uint8 (C, H, W) at `resolution` (an int, or (height, width)) with `channels` (1 = L, 3 = RGB).
 
     An image already at the resolution and channel count comes back bit-exact. `fit="resize"` scales
-    the shorter side to the resolution (bicubic) and centre-crops; `fit="pad"` centre-pads with black
+    the image to cover the target (bicubic) and centre-crops; `fit="pad"` centre-pads with black
     (or centre-crops when larger) without resampling.
     """
     img = Image.open(io.BytesIO(png))
     mode = "L" if channels == 1 else "RGB"
     if img.mode != mode:  # convert() copies even when the mode already matches: skip it then
         img = img.convert(mode)
-    if img.size != (resolution, resolution):
-        img = resize_and_crop(img, resolution) if fit == "resize" else pad_or_crop(img, resolution)
+    h, w = image_size(resolution)
+    if img.size != (w, h):
+        img = resize_and_crop(img, h, w) if fit == "resize" else pad_or_crop(img, h, w)
     array = np.asarray(img, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def resize_and_crop(img: Image.Image, size: int) -> Image.Image:
-    scale = size / min(img.size)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+def resize_and_crop(img: Image.Image, h: int, w: int) -> Image.Image:
+    scale = max(w / img.width, h / img.height)
+    sw, sh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    img = img.resize((sw, sh), Image.Resampling.BICUBIC)
+    left, top = (sw - w) // 2, (sh - h) // 2
+    return img.crop((left, top, left + w, top + h))
 
 
-def pad_or_crop(img: Image.Image, size: int) -> Image.Image:
-    canvas = Image.new(img.mode, (size, size), 0)
-    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))  # negative offsets crop
+def pad_or_crop(img: Image.Image, h: int, w: int) -> Image.Image:
+    canvas = Image.new(img.mode, (w, h), 0)
+    canvas.paste(img, ((w - img.width) // 2, (h - img.height) // 2))  # negative offsets crop
     return canvas
 
 
@@ -254,7 +261,7 @@ def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress) -> Ite
 class StreamConfig:
     shards: list[ShardInfo]
     batch_size: int
-    resolution: int
+    resolution: tuple[int, int]  # (height, width)
     channels: int
     fit: str
     seed: int
@@ -374,11 +381,12 @@ class StreamingLoader:
     save and restore that position exactly. A resampled loader never ends.
     """
 
-    def __init__(self, path: str | os.PathLike, *, batch_size: int, resolution: int, channels: int,
+    def __init__(self, path: str | os.PathLike, *, batch_size: int, resolution: int | Sequence[int], channels: int,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  shuffle_buffer: int = 1000, hflip: bool = False, resampled: bool = False,
                  max_bad_fraction: float = 0.01, fit: str = "resize"):
-        if batch_size < 1 or resolution < 1 or channels not in (1, 3) or num_workers < 0:
+        resolution = image_size(resolution)
+        if batch_size < 1 or min(resolution) < 1 or channels not in (1, 3) or num_workers < 0:
             raise LoaderError(f"need batch_size >= 1, resolution >= 1, channels 1 or 3, num_workers >= 0; got "
                               f"{batch_size}, {resolution}, {channels}, {num_workers}")
         if fit not in FITS or not 0 <= max_bad_fraction <= 1:

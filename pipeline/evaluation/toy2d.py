@@ -3,11 +3,10 @@
     python -m pipeline.evaluation.toy2d --density ring8 --out runs/toy2d      # prints one JSON line
 
 Each point is stored as a 1x2 8-bit grey PNG in the project's shard format (pixel = round((x + 1) 127.5)),
-read back with the evaluation reader, dequantised uniformly inside its bin (width 2/255, far below the
-densities' scale), and fitted by a small MLP denoiser trained with the SHARED loss
-(`pipeline.diffusion.losses.training_losses`, counter-based noise) and sampled with the SHARED samplers
-(`pipeline.diffusion.samplers.sample`). The image trainer cannot serve here (its loader makes square images
-and its models are the UNet/VAE); the MLP is the only part of its own.
+trained by the project's trainer (`python -m pipeline train --config configs/toy2d.yaml`: the streaming loader
+reads the points as 1x2 images, the DeepSpeed engine trains an MLP denoiser with the shared loss and
+counter-based noise) and sampled from its EMA export with the SHARED samplers
+(`pipeline.diffusion.samplers.sample`).
 
 Metrics against the truth: energy distance and MMD of samples to fresh true points (with the same
 statistic between two fresh true sets as the noise floor), the cross-entropy of the samples under the true
@@ -28,6 +27,8 @@ import torch
 from torch import nn
 
 from pipeline.data import shards
+
+REPO = Path(__file__).resolve().parents[2]
 from pipeline.evaluation import EvaluationError, metrics
 
 
@@ -108,109 +109,81 @@ def read_points(folder: Path) -> torch.Tensor:
     return images.reshape(-1, 2).double() / 127.5 - 1
 
 
-# ---------------------------------------------------------------------------------------- the model
-class MLPDenoiser(nn.Module):
-    """eps_theta(x_t, t) (or the config's other prediction) for points: Fourier features of x and a
-    sinusoidal t embedding, then an SiLU MLP.
-
-    The Fourier features (sin/cos of pi 2^k x) let a small MLP resolve modes much narrower than the data
-    range within a CI-sized budget: on the 8-Gaussian ring (eps target), 1500 steps reach an energy
-    distance of ~7e-4 with them and ~2e-2 without (no better than a single fitted Gaussian)."""
-
-    def __init__(self, hidden: int = 128, depth: int = 3, time_dim: int = 32, num_freqs: int = 6):
-        super().__init__()
-        self.time_dim = time_dim
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_freqs, dtype=torch.float32))
-        layers, width = [], 2 + 4 * num_freqs + time_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        self.net = nn.Sequential(*layers, nn.Linear(width, 2))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
-        from pipeline.models.unet import timestep_embedding
-
-        angles = (x[:, :, None] * self.freqs).flatten(1)
-        features = [x, angles.sin(), angles.cos(), timestep_embedding(t, self.time_dim)]
-        return self.net(torch.cat(features, dim=1))
-
-
+# ---------------------------------------------------------------------------------------- training
 @dataclass
 class ToyConfig:
     density: str = "ring8"
     num_train: int = 8192
     train_steps: int = 1500
-    batch_size: int = 512
-    lr: float = 3e-3
-    timesteps: int = 1000
-    schedule: str = "linear"
     # v, not eps: at 1500 steps KL(p || model) is 0.48 nats with v and 2.4 with eps (eps is poor at small t)
     prediction: str = "v"
     seed: int = 0
 
 
-def train_denoiser(points: torch.Tensor, config: ToyConfig) -> MLPDenoiser:
-    """Adam + cosine decay on the shared MSE loss (eps, x0 or v target), batches of dequantised points."""
-    from pipeline.diffusion.losses import training_losses
-    from pipeline.diffusion.schedule import make_schedule
+class PointModel(nn.Module):
+    """The trained network seen on (N, 2) points instead of (N, 1, 1, 2) images."""
 
-    torch.manual_seed(config.seed)
-    model = MLPDenoiser()
-    schedule = make_schedule(config.schedule, config.timesteps)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.train_steps, eta_min=config.lr * 0.05)
-    gen = torch.Generator().manual_seed(config.seed)
-    data = points.float()
-    for step in range(config.train_steps):
-        idx = torch.randint(len(data), (config.batch_size,), generator=gen)
-        x0 = data[idx] + (torch.rand(config.batch_size, 2, generator=gen) - 0.5) * (2 / 255)
-        t = torch.randint(config.timesteps, (config.batch_size,), generator=gen)
-        ids = torch.arange(step * config.batch_size, (step + 1) * config.batch_size)
-        loss = training_losses(model, x0, t, schedule, seed=config.seed, sample_ids=ids, stream=1_000_000 + step,
-                               prediction=config.prediction, backend="torch").loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        decay.step()
-    return model.eval()
+    def __init__(self, inference):
+        super().__init__()
+        self.net, self.diffusion = inference.model, inference.config.diffusion
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+        return self.net(x.view(-1, 1, 1, 2), t).view(-1, 2)
+
+
+def train_denoiser(shard_dir: Path, run_dir: Path, config: ToyConfig) -> PointModel:
+    """Train with the project's trainer on the point shards; return the EMA export as a point model."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.checkpoint import load_for_inference
+
+    command = [sys.executable, "-m", "pipeline", "train", "--config", str(REPO / "configs/toy2d.yaml"),
+               "--out", str(run_dir), f"data.shards={shard_dir}", f"train.steps={config.train_steps}",
+               f"diffusion.prediction={config.prediction}", f"train.seed={config.seed}"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if proc.returncode != 0:
+        raise EvaluationError(f"training the 2-D model failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return PointModel(load_for_inference(run_dir)).eval()
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def sample_points(model: MLPDenoiser, config: ToyConfig, num: int, *, sampler: str, steps: int,
-                  seed: int) -> torch.Tensor:
-    from pipeline.diffusion.samplers import sample
+def schedule_of(model: PointModel):
     from pipeline.diffusion.schedule import make_schedule
 
-    schedule = make_schedule(config.schedule, config.timesteps)
-    return sample(model, (num, 2), schedule, sampler=sampler, steps=steps, prediction=config.prediction,
-                  clip_x0=True, seed=seed, backend="torch").double()
+    return make_schedule(model.diffusion.schedule, model.diffusion.timesteps)
 
 
-def model_nll(model: MLPDenoiser, config: ToyConfig, points: torch.Tensor, ode_steps: int = 100,
-              t_start: int = 0) -> torch.Tensor:
+def sample_points(model: PointModel, num: int, *, sampler: str, steps: int, seed: int) -> torch.Tensor:
+    from pipeline.diffusion.samplers import sample
+
+    with torch.no_grad():
+        return sample(model, (num, 2), schedule_of(model), sampler=sampler, steps=steps,
+                      prediction=model.diffusion.prediction, clip_x0=True, seed=seed, backend="torch").double()
+
+
+def model_nll(model: PointModel, points: torch.Tensor, ode_steps: int = 100, t_start: int = 0) -> torch.Tensor:
     """-log p_model,t(x) in nats per point from the probability-flow ODE (exact divergence), at time t_start."""
     from pipeline.diffusion.likelihood import ode_nll
-    from pipeline.diffusion.schedule import make_schedule
 
-    schedule = make_schedule(config.schedule, config.timesteps)
-    return ode_nll(model, points.float(), schedule, prediction=config.prediction, trace="exact",
-                   steps=ode_steps, t_start=float(t_start))["nats"].double()
+    return ode_nll(model, points.float(), schedule_of(model), prediction=model.diffusion.prediction,
+                   trace="exact", steps=ode_steps, t_start=float(t_start))["nats"].double()
 
 
-def kl_estimates(model: MLPDenoiser, config: ToyConfig, density: GaussianMixture2D, points: torch.Tensor,
-                 ode_steps: int, t_start: int, generator: torch.Generator) -> dict:
+def kl_estimates(model: PointModel, density: GaussianMixture2D, points: torch.Tensor, ode_steps: int,
+                 t_start: int, generator: torch.Generator) -> dict:
     """KL(p_t || p_model,t) ~ E[-log p_model,t(x_t)] - E[-log p_t(x_t)] over true x_t, at t = 0 and t_start.
 
     At t = 0 the model's density hinges on its least accurate region (the noise levels far below the modes'
     width); at a small t_start > 0 both densities are smoothed by the same, exactly known, noise."""
-    from pipeline.diffusion.schedule import make_schedule
-
-    alpha_bar = float(make_schedule(config.schedule, config.timesteps).alphas_cumprod64[t_start])
+    alpha_bar = float(schedule_of(model).alphas_cumprod64[t_start])
     noisy = math.sqrt(alpha_bar) * points + math.sqrt(1 - alpha_bar) * torch.randn(
         points.shape, generator=generator, dtype=torch.float64)
     result = {}
     for t, x, law in ((0, points, density), (t_start, noisy, density.noised(alpha_bar))):
-        nll = float(model_nll(model, config, x, ode_steps, t_start=t).mean())
+        nll = float(model_nll(model, x, ode_steps, t_start=t).mean())
         result[f"model_nll_t{t}"] = nll
         result[f"kl_estimate_t{t}"] = nll - float(-law.log_prob(x).mean())
     return result
@@ -232,12 +205,12 @@ def gaussian_baseline(points: torch.Tensor) -> torch.distributions.MultivariateN
 def run_benchmark(folder: Path, config: ToyConfig, *, num_eval: int = 2000,
                   samplers: tuple[tuple[str, int], ...] = (("ddim", 50),), ode_steps: int = 100,
                   kl_t_start: int = 10) -> dict:
-    """Write true points into shards at `folder`, train from the shards, sample, and score everything."""
+    """Write true points into shards under `folder`, train from the shards, sample, and score everything."""
     density = make_density(config.density)
     gen = torch.Generator().manual_seed(config.seed)
-    write_point_shards(folder, density.sample(config.num_train, gen).clamp(-1, 1), config.density)
+    write_point_shards(folder / "points", density.sample(config.num_train, gen).clamp(-1, 1), config.density)
     start = time.perf_counter()
-    model = train_denoiser(read_points(folder), config)
+    model = train_denoiser(folder / "points", folder / "run", config)
     result = {"density": config.density, "num_train": config.num_train, "train_steps": config.train_steps,
               "num_eval": num_eval, "train_seconds": round(time.perf_counter() - start, 2)}
     reference, other_truth = density.sample(num_eval, gen), density.sample(num_eval, gen)
@@ -248,12 +221,12 @@ def run_benchmark(folder: Path, config: ToyConfig, *, num_eval: int = 2000,
     result["true_entropy"] = float(-density.log_prob(reference).mean())
     for name, steps in samplers:
         start = time.perf_counter()
-        samples = sample_points(model, config, num_eval, sampler=name, steps=steps, seed=config.seed + 1)
+        samples = sample_points(model, num_eval, sampler=name, steps=steps, seed=config.seed + 1)
         scores = sample_scores(samples, density, reference)
         scores["seconds_per_1k"] = round((time.perf_counter() - start) * 1000 / num_eval, 4)
         result[f"{name}{steps}"] = scores
     nll_points = reference[:500]
-    result.update(kl_estimates(model, config, density, nll_points, ode_steps, kl_t_start, gen))
+    result.update(kl_estimates(model, density, nll_points, ode_steps, kl_t_start, gen))
     true_nll = float(-density.log_prob(nll_points).mean())
     result["gaussian_baseline"]["kl_estimate_t0"] = float(-baseline.log_prob(nll_points).mean()) - true_nll
     return result
@@ -262,14 +235,14 @@ def run_benchmark(folder: Path, config: ToyConfig, *, num_eval: int = 2000,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="2-D known-density benchmark: shards -> training -> sampler")
     parser.add_argument("--density", choices=sorted(DENSITIES), default="ring8", help="true distribution")
-    parser.add_argument("--out", type=Path, required=True, help="new folder for the point shards")
+    parser.add_argument("--out", type=Path, required=True, help="new folder for the point shards and the run")
     parser.add_argument("--train-steps", type=int, default=ToyConfig.train_steps, help="optimizer steps")
     parser.add_argument("--num-train", type=int, default=ToyConfig.num_train, help="training points")
     parser.add_argument("--num-eval", type=int, default=2000, help="samples per metric")
     parser.add_argument("--samplers", default="ddim:50,dpmpp:20,ddpm:1000",
                         help="comma-separated sampler:steps pairs to score")
     parser.add_argument("--prediction", choices=["eps", "x0", "v"], default=ToyConfig.prediction,
-                        help="what the MLP predicts")
+                        help="what the MLP denoiser predicts")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation, batches and noise")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -252,3 +252,10 @@ def test_patterns_that_match_nothing_fail_at_start(tmp_path, digits_dir):
 def test_brace_pattern_reads_the_named_shards(digits_dir):
     keys = epoch_keys(digits_loader(str(digits_dir / "shard-{000000..000001}.tar")))
     assert sorted(keys) == ALL_DIGIT_KEYS[:400]
+
+
+def test_non_square_resolution_keeps_points_exact_and_pads_to_shape():
+    point = np.array([[17, 240]], dtype=np.uint8)  # a 2-D point stored as a 1x2 grey image
+    assert np.array_equal(decode_image(shards.encode_png(point), (1, 2), 1)[0], point)
+    wide = decode_image(shards.encode_png(np.full((2, 2), 9, np.uint8)), (2, 4), 1, fit="pad")[0]
+    assert wide.shape == (2, 4) and wide[:, 1:3].min() == 9 and wide[:, [0, 3]].max() == 0
