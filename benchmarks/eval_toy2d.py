@@ -34,7 +34,7 @@ def main() -> int:
     for name in args.densities.split(","):
         config = toy2d.ToyConfig(density=name, train_steps=args.train_steps)
         with tempfile.TemporaryDirectory() as folder:
-            r = toy2d.run_benchmark(Path(folder) / "points", config, num_eval=args.num_eval, samplers=SAMPLERS)
+            r = toy2d.run_benchmark(Path(folder), config, num_eval=args.num_eval, samplers=SAMPLERS)
         rows = [("true (floor)", r["floor"]), ("gaussian fit", r["gaussian_baseline"])]
         rows += [(f"{s}{k}", r[f"{s}{k}"]) for s, k in SAMPLERS]
         for label, scores in rows:
