@@ -5,10 +5,10 @@ environment variables (torchrun, `deepspeed`, or the SLURM launcher in `launch/`
 resumes from the newest complete checkpoint. On SIGTERM/SIGUSR1/SIGUSR2 the current step finishes, every rank
 checkpoints, and the process exits with EXIT_PREEMPTED so a launcher can requeue it.
 
-Determinism (what makes resume and rank-count equivalence exact): timesteps and label dropout for a step are
-drawn for the GLOBAL batch from a generator seeded by (seed, micro-step), and each rank takes its slice; the
-diffusion noise is counter-based on (seed, micro-step, global sample id). Only dropout uses the torch RNG,
-whose state each rank saves in its checkpoint.
+Determinism (what makes resume, rank-count and accumulation equivalence exact): timesteps and label dropout for
+a step are drawn for the GLOBAL batch (micro-batch x ranks x accumulation steps) from a generator seeded by
+(seed, step), and each micro-batch takes its slice; the diffusion noise is counter-based on (seed, step, global
+sample id). Only dropout uses the torch RNG, whose state each rank saves in its checkpoint.
 """
 from __future__ import annotations
 
@@ -232,29 +232,34 @@ class Trainer:
                 raise RuntimeError(f"rank {self.rank}: the loader produced no batch from {self.config.data.shards}")
 
     # -- one optimisation step
-    def step_generator(self, micro_index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + micro_index)
+    def micro_loss(self, batch, accum_index: int) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch: slice `accum_index` of this rank in the step's global batch.
 
-    def micro_loss(self, batch, micro_index: int) -> tuple[torch.Tensor, dict]:
+        The global batch of a step is micro_batch x world x grad_accum samples with ids 0..N-1; its timesteps,
+        label dropout and noise are drawn for all N from (seed, step), and each micro-batch takes its slice.
+        So any split of the same global batch over ranks and accumulation steps trains the same model.
+        """
         x0 = batch.images.to(self.device, self.dtype)
-        b = self.config.train.micro_batch
-        lo, hi = self.rank * b, (self.rank + 1) * b  # this rank's slice of the global micro-batch
+        t_cfg = self.config.train
+        b, total = t_cfg.micro_batch, t_cfg.micro_batch * self.world * t_cfg.grad_accum
+        lo = (accum_index * self.world + self.rank) * b
+        hi = lo + b
         if self.config.model.type == "vae":
             loss, metrics = self.engine.module.loss(x0, beta=self.config.model.kl_weight)
             return loss, {k: float(v) for k, v in metrics.items()}
         from pipeline.diffusion.losses import training_losses
 
         d, m = self.config.diffusion, self.config.model
-        g = self.step_generator(micro_index)
-        t = torch.randint(0, d.timesteps, (b * self.world,), generator=g)[lo:hi].to(self.device)
+        g = torch.Generator().manual_seed(t_cfg.seed * 1_000_003 + self.step)
+        t = torch.randint(0, d.timesteps, (total,), generator=g)[lo:hi].to(self.device)
         y = None
         if m.num_classes is not None:
-            drop = torch.rand(b * self.world, generator=g)[lo:hi] < m.p_uncond
+            drop = torch.rand(total, generator=g)[lo:hi] < m.p_uncond
             y = torch.where(drop, torch.full_like(batch.labels, m.num_classes), batch.labels).to(self.device)
-        backend = None if self.config.train.loss_backend == "auto" else self.config.train.loss_backend
-        out = training_losses(self.engine, x0, t, self.schedule, seed=self.config.train.seed,
+        backend = None if t_cfg.loss_backend == "auto" else t_cfg.loss_backend
+        out = training_losses(self.engine, x0, t, self.schedule, seed=t_cfg.seed,
                               sample_ids=torch.arange(lo, hi, device=self.device),
-                              stream=NOISE_STREAM_BASE + micro_index, prediction=d.prediction, y=y,
+                              stream=NOISE_STREAM_BASE + self.step, prediction=d.prediction, y=y,
                               weighting=d.weighting, min_snr_gamma=d.min_snr_gamma, backend=backend)
         return out.loss, {"bucket_sums": out.bucket_sums.detach(), "bucket_counts": out.bucket_counts.detach()}
 
@@ -262,7 +267,7 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches; returns the step's loss statistics."""
         losses, stats = [], []
         for k, batch in enumerate(micro_batches):
-            loss, extra = self.micro_loss(batch, self.step * self.config.train.grad_accum + k)
+            loss, extra = self.micro_loss(batch, k)
             if self.step + 1 in self.config.train.fault_nonfinite_steps:
                 loss = loss * float("nan")  # fault injection: exercises the non-finite guard end to end
             self.engine.backward(loss)
@@ -365,7 +370,8 @@ class Trainer:
         return record
 
     def rank_state(self) -> dict:
-        return {"step": self.step, "ema": self.ema.state_dict(), "loader": self.loader.state_dict(),
+        return {"step": self.step, "config": to_dict(self.config), "ema": self.ema.state_dict(),
+                "loader": self.loader.state_dict(),
                 "torch_rng": torch.get_rng_state(), "nonfinite_total": self.nonfinite_total,
                 "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
 
