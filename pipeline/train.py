@@ -152,6 +152,9 @@ class Trainer:
         self.config, self.run_dir = config, Path(run_dir)
         self.rank, self.world, self.device = init_distributed()
         t = config.train
+        if t.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); "
+                              "use fp32 or bf16 on CPU")
         resume_from = self.find_resume_point(resume)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)

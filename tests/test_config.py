@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pipeline.config import ConfigError, load_config
 
@@ -59,3 +60,11 @@ def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True)
     for command in ("prepare", "train", "sample", "generate", "evaluate"):
         assert command in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused on CPU only")
+def test_fp16_on_cpu_is_refused_before_any_work(tmp_path, digits_shards):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--out", str(tmp_path / "run"),
+                           f"data.shards={digits_shards}", "train.precision=fp16"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "train.precision=fp16 needs a CUDA GPU" in proc.stderr
