@@ -175,6 +175,7 @@ class Trainer:
         self.loader = self.build_loader()
         self.step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
         self.stop_signal: int | None = None
+        self.exported_step, self.last_export = -1, None
         self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
         if resume_from is not None:
             self.restore(resume_from)
@@ -398,8 +399,12 @@ class Trainer:
         self.logger.info(f"resumed from {ckpt} at step {self.step}")
 
     def export(self) -> Path | None:
-        """Write the EMA weights as safetensors (collective under ZeRO-3; rank 0 writes)."""
+        """Write the EMA weights as safetensors (collective under ZeRO-3; rank 0 writes), once per step."""
         from pipeline.checkpoint import export_weights
+
+        if self.exported_step == self.step:  # a checkpoint and a grid at the same step share one export
+            return self.last_export
+        self.exported_step = self.step
 
         weights = self.ema.state_dict_full(self.engine.module)
         if self.rank != 0:
