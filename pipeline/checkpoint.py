@@ -19,9 +19,15 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, build, to_dict
+from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_bytes, atomic_write_text
 
 COMPLETE = "COMPLETE"
+
+
+class CheckpointError(PipelineError, ValueError):
+    """A checkpoint or export that is missing, not ours, or does not match its config."""
+
 EXPORT_FORMAT = "pipeline-export/1"
 
 
@@ -128,7 +134,7 @@ def resolve_export(path: str | Path) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise FileNotFoundError(f"no export found at {path} (looked for: {', '.join(map(str, candidates))}); "
+    raise CheckpointError(f"no export found at {path} (looked for: {', '.join(map(str, candidates))}); "
                             "train first, or pass a .safetensors export")
 
 
@@ -143,9 +149,9 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for non-safetensors bytes
-        raise ValueError(f"{file} is not a safetensors export: {exc}") from exc
+        raise CheckpointError(f"{file} is not a safetensors export: {exc}") from exc
     if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{file} is not an export of this pipeline (metadata format {meta.get('format')!r})")
+        raise CheckpointError(f"{file} is not an export of this pipeline (metadata format {meta.get('format')!r})")
     from pipeline.config import Config as _Config
 
     config = build(_Config, json.loads(meta["config"]), prefix="")
@@ -153,6 +159,6 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     try:
         model.load_state_dict(load_file(str(file)), strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{file}: weights do not match the model its config describes: {exc}") from exc
+        raise CheckpointError(f"{file}: weights do not match the model its config describes: {exc}") from exc
     model.to(device).eval()
     return Inference(model, config, int(meta["step"]), meta["model_hash"], file)
