@@ -91,11 +91,11 @@ def rank_from_env() -> tuple[int, int]:
 # ---------------------------------------------------------------- what is generated
 def load_model(checkpoint: str, device: str):
     """load_for_inference, with its errors turned into user errors that name the checkpoint."""
-    from pipeline.checkpoint import load_for_inference
+    from pipeline.checkpoint import CheckpointError, load_for_inference
 
     try:
         inference = load_for_inference(checkpoint, device=device)
-    except (FileNotFoundError, ValueError, KeyError) as exn:
+    except CheckpointError as exn:
         raise GenerateError(f"cannot load --checkpoint {checkpoint}: {exn}") from None
     if inference.config.model.type != "ddpm":
         raise GenerateError(f"--checkpoint {checkpoint} is a {inference.config.model.type} model; generate needs a "

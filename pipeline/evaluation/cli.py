@@ -83,14 +83,10 @@ def _sample_quality(args: argparse.Namespace) -> dict:
 
 def _likelihood(args: argparse.Namespace) -> dict:
     from pipeline.checkpoint import load_for_inference
-    from pipeline.evaluation import EvaluationError
     from pipeline.evaluation.likelihood import export_likelihood
     from pipeline.evaluation.shardset import read_image_set
 
-    try:
-        inference = load_for_inference(args.checkpoint, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        raise EvaluationError(str(error)) from None
+    inference = load_for_inference(args.checkpoint, device=args.device)  # CheckpointError is a user error
     held_out = read_image_set(args.real, num=args.likelihood_num, seed=args.seed)
     return export_likelihood(inference, held_out.images.to(args.device), held_out.labels.to(args.device),
                              num_importance=args.iwae_samples, vlb_steps=args.vlb_steps,
