@@ -23,7 +23,7 @@ class ConfigError(PipelineError, ValueError):
 
 @dataclass
 class DataConfig:
-    shards: str = "data/digits"  # shard folder (with manifest.json) or a brace pattern of .tar files
+    shards: str = "data/digits"  # shard folder (with manifest.json), a brace pattern of .tar files, or a URL
     resolution: int = 8  # images are resized/padded to resolution x resolution (height x width)
     width: Optional[int] = None  # set for non-square images (e.g. 2-D points stored as 1x2 images)
     channels: int = 1
@@ -33,6 +33,8 @@ class DataConfig:
     num_workers: int = 0
     resampled: bool = False  # infinite stream with replacement (multi-node), instead of exact epochs
     max_bad_fraction: float = 0.01  # fail when more than this fraction of samples cannot be decoded
+    read_retries: int = 3  # re-reads of a remote shard whose connection or command fails part-way
+    read_timeout_s: float = 30.0  # a remote read that receives nothing for this long counts as failed
 
 
 @dataclass

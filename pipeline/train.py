@@ -220,7 +220,8 @@ class Trainer:
                                channels=d.channels,
                                seed=t.seed, rank=self.rank, world_size=self.world, num_workers=d.num_workers,
                                shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, resampled=d.resampled,
-                               max_bad_fraction=d.max_bad_fraction, fit=d.fit)
+                               max_bad_fraction=d.max_bad_fraction, fit=d.fit, retries=d.read_retries,
+                               timeout_s=d.read_timeout_s)
 
     def batches(self):
         """Micro-batches forever, epoch after epoch (the loader knows its own position)."""

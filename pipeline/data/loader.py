@@ -23,7 +23,6 @@ that is truncated or unreadable counts its missing samples (from the manifest) a
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import logging
@@ -40,6 +39,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys
 
 from pipeline.data import shards as shard_format
+from pipeline.data import urls
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -69,9 +69,12 @@ class ShardInfo:
 
 
 # ---------------------------------------------------------------- finding shards
-def resolve_shards(path: str | os.PathLike) -> list[ShardInfo]:
-    """Shards of a folder (from its manifest) or of a brace/glob pattern; a clear error if none exist."""
-    path = str(path)
+def resolve_shards(path: str | os.PathLike, timeout_s: float = urls.DEFAULT_TIMEOUT_S) -> list[ShardInfo]:
+    """Shards of a folder (from its manifest), of a brace/glob pattern, or of a URL (`pipeline.data.urls`);
+    a clear error if none exist."""
+    path = urls.local_path(path)
+    if urls.is_remote(path):
+        return [ShardInfo(url, count) for url, count in urls.remote_shards(path, timeout_s)]
     if os.path.isdir(path):
         manifest = shard_format.read_manifest(path)
         found = [ShardInfo(os.path.join(path, r["name"]), int(r["num_samples"])) for r in manifest["shards"]]
@@ -81,25 +84,11 @@ def resolve_shards(path: str | os.PathLike) -> list[ShardInfo]:
         if not found:
             raise LoaderError(f"the manifest in {path} lists no shards")
         return found
-    names = expand_pattern(path)
+    try:
+        names = urls.expand(path)
+    except urls.RemoteReadError as exn:
+        raise LoaderError(str(exn)) from None
     return [ShardInfo(name, counts_from_manifest(name)) for name in names]
-
-
-def expand_pattern(pattern: str) -> list[str]:
-    names, missing = [], []
-    for expanded in wds.shardlists.expand_urls(pattern):  # braces, and '::' between patterns
-        if glob.has_magic(expanded):
-            names += sorted(glob.glob(expanded))
-        elif os.path.isfile(expanded):
-            names.append(expanded)
-        else:
-            missing.append(expanded)
-    if not names:
-        raise LoaderError(f"shard pattern {pattern!r} matches no file (give a shard folder with manifest.json, "
-                          "or a pattern such as DIR/shard-{000000..000009}.tar)")
-    if missing:
-        raise LoaderError(f"shard pattern {pattern!r}: {len(missing)} file(s) do not exist, e.g. {missing[0]}")
-    return names
 
 
 def counts_from_manifest(shard_path: str) -> int | None:
@@ -234,18 +223,20 @@ def files_of(stream: Any, url: str) -> Iterator[dict[str, Any]]:
         yield {"fname": name, "data": data, "__url__": url}
 
 
-def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress) -> Iterator[dict[str, Any]]:
-    """Raw samples of the plan's shards, in order; read failures become BadEvents (not exceptions)."""
+def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress, retries: int = urls.DEFAULT_RETRIES,
+              timeout_s: float = urls.DEFAULT_TIMEOUT_S) -> Iterator[dict[str, Any]]:
+    """Raw samples of the plan's shards, in order; read failures become BadEvents (not exceptions).
+    A remote shard whose read fails part-way is re-read `retries` times first (`urls.read_retrying`)."""
     position = 0
     for shard, reports in zip(plan.shards, plan.reports):
         read = 0
         try:
-            with open(shard.path, "rb") as stream:
-                for sample in group_by_keys(files_of(stream, shard.path)):
-                    read += 1
-                    if plan.sample_split is None or position % plan.sample_split[0] == plan.sample_split[1]:
-                        yield sample
-                    position += 1
+            for sample in urls.read_retrying(shard.path, lambda stream: group_by_keys(files_of(stream, shard.path)),
+                                             retries=retries, timeout_s=timeout_s):
+                read += 1
+                if plan.sample_split is None or position % plan.sample_split[0] == plan.sample_split[1]:
+                    yield sample
+                position += 1
             problem = None
             if shard.num_samples is not None and read != shard.num_samples:
                 problem = f"holds {read} sample(s), the manifest says {shard.num_samples}"
@@ -254,7 +245,7 @@ def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress) -> Ite
         if problem and reports:
             lost = shard.num_samples - read if shard.num_samples is not None else 0
             lost = max(lost, 0 if "manifest says" in problem else 1)
-            events.append(BadEvent(os.path.basename(shard.path), problem, lost, progress.epoch, progress.consumed))
+            events.append(BadEvent(urls.file_name(shard.path), problem, lost, progress.epoch, progress.consumed))
 
 
 @dataclass
@@ -271,6 +262,8 @@ class StreamConfig:
     shuffle_buffer: int
     hflip: bool
     resampled: bool
+    retries: int = urls.DEFAULT_RETRIES  # re-reads of a remote shard that fails part-way
+    timeout_s: float = urls.DEFAULT_TIMEOUT_S  # a remote read idle this long counts as dropped
 
 
 class UnitStream(torch.utils.data.IterableDataset):
@@ -318,7 +311,7 @@ class UnitStream(torch.utils.data.IterableDataset):
         while True:
             plan = plan_unit(c.shards, seed=c.seed, epoch=progress.epoch, unit=unit, units=units,
                              resampled=c.resampled)
-            raw = read_plan(plan, events, progress)
+            raw = read_plan(plan, events, progress, c.retries, c.timeout_s)
             if c.shuffle_buffer > 1:
                 raw = wds.filters.shuffle(c.shuffle_buffer, initial=c.shuffle_buffer,
                                           rng=seeded_rng(c.seed, progress.epoch, unit, "buffer"))(raw)
@@ -384,7 +377,8 @@ class StreamingLoader:
     def __init__(self, path: str | os.PathLike, *, batch_size: int, resolution: int | Sequence[int], channels: int,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  shuffle_buffer: int = 1000, hflip: bool = False, resampled: bool = False,
-                 max_bad_fraction: float = 0.01, fit: str = "resize"):
+                 max_bad_fraction: float = 0.01, fit: str = "resize", retries: int = urls.DEFAULT_RETRIES,
+                 timeout_s: float = urls.DEFAULT_TIMEOUT_S):
         resolution = image_size(resolution)
         if batch_size < 1 or min(resolution) < 1 or channels not in (1, 3) or num_workers < 0:
             raise LoaderError(f"need batch_size >= 1, resolution >= 1, channels 1 or 3, num_workers >= 0; got "
@@ -395,8 +389,11 @@ class StreamingLoader:
         rank, world_size = resolve_rank(rank, world_size)
         self.num_workers = num_workers
         self.max_bad_fraction = max_bad_fraction
-        self.config = StreamConfig(resolve_shards(path), batch_size, resolution, channels, fit, seed, rank,
-                                   world_size, max(1, num_workers), shuffle_buffer, hflip, resampled)
+        if retries < 0 or timeout_s <= 0:
+            raise LoaderError(f"need retries >= 0 and timeout_s > 0; got {retries}, {timeout_s}")
+        self.config = StreamConfig(resolve_shards(path, timeout_s), batch_size, resolution, channels, fit, seed,
+                                   rank, world_size, max(1, num_workers), shuffle_buffer, hflip, resampled, retries,
+                                   timeout_s)
         self.epoch = 0
         self._reset_positions(0)
 

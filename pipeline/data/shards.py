@@ -184,7 +184,7 @@ def make_manifest(*, source: Any, image_size: tuple[int, int], channels: int, cl
 
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     """Atomically write `manifest.json` into `folder` (unknown keys are written as given)."""
-    _check_manifest(manifest, where=f"manifest for {folder}")
+    check_manifest(manifest, where=f"manifest for {folder}")
     path = Path(folder) / MANIFEST_NAME
     atomic_write_bytes(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return path
@@ -200,11 +200,11 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exn:
         raise ManifestError(f"{path} is not valid JSON: {exn}") from None
-    _check_manifest(manifest, where=str(path))
+    check_manifest(manifest, where=str(path))
     return manifest
 
 
-def _check_manifest(manifest: Any, where: str) -> None:
+def check_manifest(manifest: Any, where: str) -> None:
     if not isinstance(manifest, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
     missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]

@@ -1,18 +1,20 @@
 """Read (a seeded random subset of) a shard set into memory for evaluation.
 
-A set is a folder of `shard-%06d.tar` files and `manifest.json` (docs/ARCHITECTURE.md "Shard format").
+A set is a folder of `shard-%06d.tar` files and `manifest.json` (docs/ARCHITECTURE.md "Shard format"), local
+or remote (`http(s)://HOST/DIR`, `pipe:COMMAND {name}`: see `pipeline.data.urls`).
 Only the chosen samples' PNGs are decoded, so `--num 1000` on 60k images stays quick.
 """
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.data import shards
+from pipeline.data import shards, urls
 from pipeline.evaluation import EvaluationError
 
 
@@ -29,17 +31,17 @@ class ImageSet:
         return self.manifest.get("source")
 
 
-def _iterate_raw(folder: Path, manifest: dict):
+def _iterate_raw(folder: str, manifest: dict):
     """Yield raw webdataset samples (dict of bytes) in shard order, in this process only."""
     import webdataset as wds
 
-    paths = shards.shard_paths(folder, manifest)
-    missing = [p.name for p in paths if not p.is_file()]
+    locations = [urls.join(folder, r["name"]) for r in manifest["shards"]]
+    missing = [os.path.basename(p) for p in locations if not urls.is_remote(p) and not os.path.isfile(p)]
     if missing:
         raise EvaluationError(f"shards listed in {folder}/manifest.json are missing: {missing[:3]}")
-    # nodesplitter=identity: evaluation reads the whole set even when RANK/WORLD_SIZE are set
-    return iter(wds.WebDataset([str(p) for p in paths], shardshuffle=False, nodesplitter=lambda urls: urls,
-                               empty_check=False))
+    # nodesplitter=identity: evaluation reads the whole set even when RANK/WORLD_SIZE are set. Remote shards
+    # open through webdataset's gopen (http(s) with the bounded curl of pipeline.data.urls).
+    return iter(wds.WebDataset(locations, shardshuffle=False, nodesplitter=lambda names: names, empty_check=False))
 
 
 def _decode(sample: dict) -> tuple[np.ndarray, int, int]:
@@ -56,12 +58,13 @@ def _decode(sample: dict) -> tuple[np.ndarray, int, int]:
 def read_image_set(folder: Path | str, num: int | None = None, seed: int = 0) -> ImageSet:
     """All samples, or min(num, size) of them chosen uniformly without replacement by `seed`
     (same seed, same subset)."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    folder = urls.local_path(folder)
+    if not urls.is_remote(folder) and not os.path.isdir(folder):
         raise EvaluationError(f"shard set folder {folder} does not exist")
     try:
-        manifest = shards.read_manifest(folder)
-    except shards.ManifestError as error:
+        manifest = (urls.read_manifest(urls.join(folder, shards.MANIFEST_NAME)) if urls.is_remote(folder)
+                    else shards.read_manifest(folder))
+    except (shards.ManifestError, urls.RemoteReadError) as error:
         raise EvaluationError(str(error)) from None
     total = sum(int(s["num_samples"]) for s in manifest["shards"])
     if num is not None and num < 1:
