@@ -40,9 +40,13 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     type: Literal["ddpm", "vae"] = "ddpm"
-    network: Literal["unet", "mlp"] = "unet"  # the DDPM's denoiser; mlp for low-dimensional data (2-D points)
+    network: Literal["unet", "mlp", "dit"] = "unet"  # the DDPM's denoiser; mlp for 2-D points; dit: transformer
     mlp_hidden: int = 128
     mlp_depth: int = 3
+    patch_size: int = 2  # DiT only: must divide the resolution (and data.width)
+    dit_hidden: int = 64
+    dit_depth: int = 4
+    dit_heads: int = 4
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])
     num_res_blocks: int = 1
@@ -115,7 +119,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    return build(Config, raw, prefix="")
+    config = build(Config, raw, prefix="")
+    check_consistency(config)
+    return config
+
+
+def check_consistency(config: Config) -> None:
+    """Rules that tie several keys together (one key's type is checked by `build`)."""
+    m, d = config.model, config.data
+    if m.type == "ddpm" and m.network == "dit":
+        sizes = {d.resolution, d.width or d.resolution}
+        if m.patch_size < 1 or any(s % m.patch_size for s in sizes):
+            raise ConfigError(f"config key model.patch_size: {m.patch_size} does not divide the image size "
+                              f"{d.resolution}x{d.width or d.resolution} (data.resolution/data.width)")
+        if m.dit_heads < 1 or m.dit_hidden % m.dit_heads:
+            raise ConfigError(f"config key model.dit_heads: {m.dit_heads} does not divide model.dit_hidden "
+                              f"{m.dit_hidden}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -17,6 +17,11 @@ def build_model(config: Config) -> torch.nn.Module:
         from pipeline.models.mlp import MLPDenoiser
 
         return MLPDenoiser((d.channels, *image_shape(config)), hidden=m.mlp_hidden, depth=m.mlp_depth)
+    if m.network == "dit":
+        from pipeline.models.dit import DiT
+
+        return DiT(in_channels=d.channels, image_size=image_shape(config), patch_size=m.patch_size,
+                   hidden=m.dit_hidden, depth=m.dit_depth, heads=m.dit_heads, num_classes=m.num_classes)
     from pipeline.models.unet import UNet
 
     return UNet(in_channels=d.channels, base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
