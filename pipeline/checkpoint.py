@@ -7,6 +7,11 @@ Layout inside a run folder:
   export/ema-step-0000500.safetensors  EMA weights + resolved config + model hash in the metadata,
          latest.safetensors            a copy of the newest export.
 A checkpoint without COMPLETE (a run killed while writing) is never resumed from.
+
+A checkpoint folder is written once, by one save, and never again: a save at a step that already has a folder
+writes `step-0000500.r2` (then `.r3`, ...) and the older revision is removed only after the new one is
+COMPLETE. So a kill at any instant leaves the old complete checkpoint or the new complete one, never a torn one
+under a COMPLETE marker. Removal deletes COMPLETE first, so a half-removed folder is merely incomplete.
 """
 from __future__ import annotations
 
@@ -39,10 +44,26 @@ def step_of(path: Path) -> int:
     return int(path.name.split("-")[-1].split(".")[0])
 
 
+def revision_of(path: Path) -> int:
+    """1 for `step-0000500`, k for `step-0000500.rk` (a later save of the same step)."""
+    return int(path.name.partition(".r")[2] or 1)
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; of several revisions of one step, only the newest."""
     root = Path(run_dir) / "checkpoints"
     found = [p for p in root.glob("step-*") if (p / COMPLETE).is_file()] if root.is_dir() else []
-    return sorted(found, key=step_of)
+    newest = {}
+    for p in sorted(found, key=lambda p: (step_of(p), revision_of(p))):
+        newest[step_of(p)] = p
+    return list(newest.values())
+
+
+def new_checkpoint_dir(root: Path, step: int) -> Path:
+    """A folder for a new save of `step`: `step-N`, or one revision above every folder of that step."""
+    tag = checkpoint_tag(step)
+    used = [revision_of(p) for p in [*root.glob(tag), *root.glob(f"{tag}.r*")]]
+    return root / (f"{tag}.r{max(used) + 1}" if used else tag)
 
 
 def rank_state_path(ckpt: Path, rank: int) -> Path:
@@ -50,21 +71,34 @@ def rank_state_path(ckpt: Path, rank: int) -> Path:
 
 
 def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, keep_last: int) -> Path:
-    """Collective: every rank writes its part; rank 0 marks the checkpoint complete and prunes old ones."""
+    """Collective: every rank writes its part into a new folder; rank 0 marks it complete, then prunes."""
     import torch.distributed as dist
 
     root = Path(run_dir) / "checkpoints"
-    tag = checkpoint_tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    buf = _torch_bytes(rank_state)
-    atomic_write_bytes(rank_state_path(root / tag, dist.get_rank()), buf)
+    chosen = [str(new_checkpoint_dir(root, step)) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)  # one name for all ranks, chosen before anyone creates it
+    folder = Path(chosen[0])
+    engine.save_checkpoint(str(root), tag=folder.name, client_state={"step": step}, save_latest=False)
+    atomic_write_bytes(rank_state_path(folder, dist.get_rank()), _torch_bytes(rank_state))
     dist.barrier()
     if dist.get_rank() == 0:
-        atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step, "world_size": dist.get_world_size()}))
-        for old in complete_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic_write_text(folder / COMPLETE, json.dumps({"step": step, "world_size": dist.get_world_size()}))
+        prune_checkpoints(root, keep_last)
     dist.barrier()
-    return root / tag
+    return folder
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Remove all but the newest `keep_last` complete checkpoints, and every superseded revision."""
+    keep = set(complete_checkpoints(root.parent)[-keep_last:])
+    for old in root.glob("step-*"):
+        if (old / COMPLETE).is_file() and old not in keep:
+            remove_checkpoint(old)
+
+
+def remove_checkpoint(folder: Path) -> None:
+    (folder / COMPLETE).unlink(missing_ok=True)  # first: a kill mid-removal leaves an incomplete folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_checkpoint(engine, ckpt: Path, rank: int, world_size: int) -> dict:
@@ -130,7 +164,7 @@ def resolve_export(path: str | Path) -> Path:
         return path
     candidates = [path / "latest.safetensors", path / "export" / "latest.safetensors"]
     if path.name.startswith("step-"):  # a checkpoint folder: its export sits in the run folder
-        candidates.insert(0, path.parent.parent / "export" / f"ema-{path.name}.safetensors")
+        candidates.insert(0, path.parent.parent / "export" / f"ema-{checkpoint_tag(step_of(path))}.safetensors")
     for c in candidates:
         if c.is_file():
             return c

@@ -176,6 +176,7 @@ class Trainer:
         self.step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
         self.stop_signal: int | None = None
         self.exported_step, self.last_export = -1, None
+        self.saved_step = -1  # the step of the newest complete checkpoint this process wrote or resumed from
         self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
         if resume_from is not None:
             self.restore(resume_from)
@@ -381,9 +382,13 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
 
     def checkpoint(self) -> None:
+        """Save (collective), unless this very state is already a complete checkpoint (resumed from it, or a
+        stop signal on a checkpoint step): writing it again would only open a window for a kill to hit."""
         from pipeline.checkpoint import save_checkpoint
 
-        save_checkpoint(self.engine, self.run_dir, self.step, self.rank_state(), self.config.train.keep_last)
+        if self.saved_step != self.step:
+            save_checkpoint(self.engine, self.run_dir, self.step, self.rank_state(), self.config.train.keep_last)
+            self.saved_step = self.step
         self.export()
 
     def restore(self, ckpt: Path) -> None:
@@ -391,6 +396,7 @@ class Trainer:
 
         state = load_checkpoint(self.engine, ckpt, self.rank, self.world)
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
+        self.saved_step = self.step
         self.ema.load_state_dict(state["ema"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
