@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 import torch
 
-from pipeline.data import shards
+from pipeline.data import destination, shards
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_open
 
@@ -404,6 +404,7 @@ def generate(checkpoint: str, out: str | Path, num_samples: int, *, shard_size: 
              cuda_graph: bool | None = None, compile_model: bool = False, verify: bool = False,
              progress: bool = True) -> Summary:
     """Generate this task's (and rank's) shards of the set into `out`; see the module docstring."""
+    out = destination.local_folder(out)  # a URL is refused here, not made into an oddly named local folder
     rank, world_size = rank_from_env()
     if num_samples < 1 or shard_size < 1 or batch_size < 1:
         raise GenerateError(f"--num-samples, --shard-size and --batch-size must be >= 1, got {num_samples}, "
@@ -418,7 +419,6 @@ def generate(checkpoint: str, out: str | Path, num_samples: int, *, shard_size: 
     generator = resolve_generator(inference, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
                                   classes=classes, seed=seed, precision=precision)
     spec = make_spec(inference, generator, num_samples, shard_size)
-    out = Path(out)
     claim_folder(out, spec)
     inference = fast_inference(inference, precision=precision, compile_model=compile_model,
                                cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph)

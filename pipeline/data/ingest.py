@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.data import shards
+from pipeline.data import destination, shards, urls
 from pipeline.errors import PipelineError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -325,12 +325,31 @@ def prepare(kind: str, out: str | os.PathLike, *, path: str | None = None, split
     source = load_source(kind, path, split)
     if source.num_samples == 0:
         raise PrepareError(f"source {kind} at {path} holds no images")
-    out = Path(out)
     sharding = {"max_count": shard_size, "max_bytes": max_shard_bytes}
+    target = destination.remote(out)
+    if target is not None:
+        return prepare_remote(source, target, sharding, overwrite, progress)
+    out = Path(urls.local_path(out))
     existing = check_out_dir(out, source.fingerprint, overwrite)
     if is_up_to_date(out, existing, source.fingerprint, sharding):
         return existing, False
     return write_source(source, out, sharding, progress), True
+
+
+def prepare_remote(source: Source, target: destination.Destination, sharding: dict[str, int], overwrite: bool,
+                   progress: bool) -> tuple[dict[str, Any], bool]:
+    """Like a local folder: the same set already there is left alone, another one is refused unless
+    --overwrite; else the set is built in a local staging folder and uploaded, its manifest last."""
+    existing = target.read_manifest()
+    if existing is not None and existing.get("source_fingerprint") != source.fingerprint and not overwrite:
+        raise PrepareError(f"{target} already holds a different data set ({existing.get('source')}); "
+                           "pass --overwrite to replace it, or choose another --out")
+    if (existing is not None and existing.get("source_fingerprint") == source.fingerprint
+            and existing.get("sharding") == sharding and target.holds(existing)):
+        return existing, False
+    with target.staging() as stage:
+        manifest = write_source(source, stage, sharding, progress)
+    return manifest, True
 
 
 # ---------------------------------------------------------------- CLI
@@ -340,7 +359,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", default=None,
                         help=f"source location: IDX folder for fashion-mnist (default {FASHION_MNIST_DIR}), "
                              "image folder for folder, .npz/.npy file for npz")
-    parser.add_argument("--out", required=True, help="output folder for shard-%%06d.tar files and manifest.json")
+    parser.add_argument("--out", required=True, help="output folder for shard-%%06d.tar files and manifest.json: "
+                        "local, http(s)://HOST/DIR (HTTP PUT) or 'pipe:COMMAND {name}' (an upload command)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help=f"most samples per shard (default {DEFAULT_SHARD_SIZE})")
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
