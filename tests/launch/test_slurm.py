@@ -133,7 +133,7 @@ def test_preempted_two_node_job_is_requeued_and_resumes_to_the_same_weights(two_
                                                                            digits_shards):
     run = tmp_path / "preempted"
     proc = run_launch("train", "--cluster", "slurm", *TWO_NODES, "--time", "10", "--",
-                      *train_args(run, digits_shards, *TRAIN))
+                      *train_args(run, digits_shards, *TRAIN, "train.keep_last=5"))  # keeps the pre-emption one
     assert proc.returncode == 0, proc.stderr[-4000:]
     job_id = submitted_job_id(proc.stdout)
     wait_until(lambda: (run / "log.jsonl").exists() and len(logged_steps(run)) >= 5, 300, "5 training steps")
@@ -150,9 +150,9 @@ def test_preempted_two_node_job_is_requeued_and_resumes_to_the_same_weights(two_
     assert "task 1: checkpointed; rank 0 requeues the job" in log1 and "on node2" in log1
     # Every rank of both nodes wrote its part of the checkpoint taken at the signal, and the job resumed there.
     ckpt = run / "checkpoints" / f"step-{stopped:07d}"
-    if stopped < STEPS and stopped % 20:  # not pruned (keep_last) and not a regular checkpoint
-        assert {p.name for p in ckpt.glob("trainer_state-rank*.pt")} == {"trainer_state-rank00000.pt",
-                                                                        "trainer_state-rank00001.pt"}
+    assert (ckpt / "COMPLETE").is_file() and stopped < STEPS
+    assert sorted(p.name for p in ckpt.glob("trainer_state-rank*.pt")) == ["trainer_state-rank00000.pt",
+                                                                          "trainer_state-rank00001.pt"]
     assert f"resumed from {ckpt} at step {stopped}" in log0
     assert logged_steps(run) == list(range(1, STEPS + 1))  # no step lost or repeated across the requeue
     assert_same_weights(run, two_node_run[0])

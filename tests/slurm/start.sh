@@ -28,7 +28,7 @@ HOSTS_BEGIN="# BEGIN tests/slurm nodes"
 HOSTS_END="# END tests/slurm nodes"
 CONF_DIR=/etc/slurm
 LOG_DIR=/var/log/slurm
-PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2)
 DB_PASS=slurm-test-only  # local-only account on a MariaDB bound to 127.0.0.1
 
 log() { echo "[slurm-start] $*" >&2; }
