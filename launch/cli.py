@@ -12,14 +12,23 @@ signals the time limit or a pre-emption; see launch/requeue.py.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 from launch.executors import CLUSTERS, Resources, make_executor, resolve_cluster, sbatch_script, submit
 from launch.requeue import PipelineTask, pipeline_command
+from pipeline.errors import PipelineError
+
+COLLECTIVE_TIMEOUT_ENV = "PIPELINE_COLLECTIVE_TIMEOUT_S"  # read by pipeline.train.init_distributed
 
 TASK_SPLIT_FLAGS = ("--task-index", "--num-tasks")
 SUBMITIT_DIR = ".submitit"  # under OUT; a dot name, which `pipeline generate` tolerates in its output folder
+
+
+class LaunchError(PipelineError):
+    """Bad launcher input (flags, cluster size, run folder): one line on stderr, exit 2, nothing submitted."""
 
 
 def add_resource_arguments(parser: argparse.ArgumentParser, multi_task: bool) -> None:
@@ -33,6 +42,9 @@ def add_resource_arguments(parser: argparse.ArgumentParser, multi_task: bool) ->
         parser.add_argument("--nodes", type=int, default=1, metavar="N", help="number of nodes")
         parser.add_argument("--tasks-per-node", type=int, default=None, metavar="T",
                             help="tasks (processes) per node on CPU; with --gpus-per-node it must equal G")
+        parser.add_argument("--collective-timeout", type=float, default=None, metavar="S",
+                            help="seconds a collective waits for the other ranks before the job fails (a dead "
+                                 "node ends the job instead of hanging it; default 600)")
     parser.add_argument("--cpus-per-task", type=int, default=None, metavar="C",
                         help="CPU cores per task (also OMP_NUM_THREADS of the task unless already set)")
     parser.add_argument("--mem", default=None, metavar="M", help="memory per node in SLURM syntax, e.g. 64G")
@@ -92,8 +104,8 @@ def output_folder(pipeline_args: list[str]) -> Path:
     """OUT from the pipeline's `--out`: required, because a requeued job must resume in the same folder."""
     out = option_value(pipeline_args, "--out")
     if not out:
-        raise SystemExit("error: the pipeline arguments need `--out DIR` (a requeued job resumes there, and the "
-                         f"submitit logs go to DIR/{SUBMITIT_DIR})")
+        raise LaunchError("the pipeline arguments need `--out DIR` (a requeued job resumes there, and the "
+                          f"submitit logs go to DIR/{SUBMITIT_DIR})")
     return Path(out).resolve()
 
 
@@ -118,18 +130,61 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
     )
 
 
+def cluster_nodes(partition: str | None) -> list[str]:
+    """The node names of the SLURM partition (all partitions when None), as `sinfo` lists them."""
+    command = ["sinfo", "-h", "-N", "-o", "%N", *(["-p", partition] if partition else [])]
+    listed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if listed.returncode != 0:
+        raise LaunchError(f"`{' '.join(command)}` failed: {listed.stderr.strip()}")
+    return sorted(set(listed.stdout.split()))
+
+
+def check_cluster_size(resources: Resources) -> None:
+    """A job asking for more nodes than exist would wait in the queue forever (or be refused with a traceback)."""
+    nodes = cluster_nodes(resources.partition)
+    where = f"partition {resources.partition}" if resources.partition else "the cluster"
+    if resources.nodes > len(nodes):
+        raise LaunchError(f"--nodes {resources.nodes}: {where} has {len(nodes)} node(s) ({', '.join(nodes)}); "
+                          f"ask for at most {len(nodes)}")
+
+
+def check_world_divides_global_batch(out: Path, world_size: int) -> None:
+    """Resuming a run keeps its global batch (micro_batch x ranks x grad_accum when its newest checkpoint was
+    written): another number of ranks must divide it, or no micro-batch size could keep the training the same."""
+    checkpoints = sorted((out / "checkpoints").glob("step-*/COMPLETE"))
+    config_file = out / "config.yaml"
+    if not checkpoints or not config_file.is_file():
+        return  # a new run: its global batch follows from this world size
+    import yaml
+
+    saved_world = json.loads(checkpoints[-1].read_text())["world_size"]
+    train = yaml.safe_load(config_file.read_text())["train"]
+    per_rank_step = train["micro_batch"] * train["grad_accum"]
+    global_batch = per_rank_step * saved_world
+    if global_batch % (world_size * train["grad_accum"]):
+        raise LaunchError(
+            f"--nodes x --tasks-per-node = {world_size} ranks: {out} resumes a run whose global batch is "
+            f"{global_batch} ({train['micro_batch']} x {saved_world} ranks x {train['grad_accum']} accumulation), "
+            f"which {world_size} ranks x {train['grad_accum']} accumulation steps do not divide")
+
+
 def build_tasks(args: argparse.Namespace, pipeline_args: list[str]) -> list[PipelineTask]:
     """One PipelineTask per job: training is one job; generation is `--array n` jobs, task k of n each."""
     if args.command == "train":
-        return [PipelineTask(pipeline_command("train", pipeline_args))]
+        env = {}
+        if args.collective_timeout is not None:
+            if not args.collective_timeout > 0:
+                raise LaunchError(f"--collective-timeout must be > 0 seconds, got {args.collective_timeout}")
+            env[COLLECTIVE_TIMEOUT_ENV] = str(args.collective_timeout)
+        return [PipelineTask(pipeline_command("train", pipeline_args), env=env)]
     if args.array < 1:
-        raise SystemExit(f"error: --array must be >= 1, got {args.array}")
+        raise LaunchError(f"--array must be >= 1, got {args.array}")
     if args.array == 1:
         return [PipelineTask(pipeline_command("generate", pipeline_args))]
     given = [f for f in TASK_SPLIT_FLAGS if option_value(pipeline_args, f) is not None]
     if given:
-        raise SystemExit(f"error: with --array the launcher sets {' and '.join(TASK_SPLIT_FLAGS)}; "
-                         f"remove {', '.join(given)} from the pipeline arguments")
+        raise LaunchError(f"with --array the launcher sets {' and '.join(TASK_SPLIT_FLAGS)}; "
+                          f"remove {', '.join(given)} from the pipeline arguments")
     return [PipelineTask(pipeline_command("generate", [*pipeline_args, "--task-index", str(k),
                                                        "--num-tasks", str(args.array)]))
             for k in range(args.array)]
@@ -163,22 +218,37 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     launcher_argv, pipeline_args = split_argv(argv)
     args = build_parser().parse_args(launcher_argv)
+    try:
+        return launch(args, pipeline_args)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def launch(args: argparse.Namespace, pipeline_args: list[str]) -> int:
     if not pipeline_args:
-        raise SystemExit("error: give the pipeline arguments after `--`, e.g. "
-                         "python -m launch train -- --config configs/tiny.yaml --out runs/x")
+        raise LaunchError("give the pipeline arguments after `--`, e.g. "
+                          "python -m launch train -- --config configs/tiny.yaml --out runs/x")
     out = output_folder(pipeline_args)
     folder = out / SUBMITIT_DIR
     try:
         resources = resources_from_args(args)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise LaunchError(str(error)) from None
     tasks = build_tasks(args, pipeline_args)
+    if args.command == "train":
+        check_world_divides_global_batch(out, resources.num_tasks)
     if args.dry_run:
         print(sbatch_script(folder, resources, array_size=len(tasks) if len(tasks) > 1 else None))
         print(f"# each task runs: {' '.join(tasks[0].command)}", file=sys.stderr)
         return 0
-    cluster = resolve_cluster(args.cluster)
-    executor = make_executor(cluster, folder, resources, max_requeues=args.max_requeues)
+    try:
+        cluster = resolve_cluster(args.cluster)
+        if cluster == "slurm":
+            check_cluster_size(resources)
+        executor = make_executor(cluster, folder, resources, max_requeues=args.max_requeues)
+    except (ValueError, RuntimeError) as error:
+        raise LaunchError(str(error)) from None
     jobs = submit(executor, tasks)
     print(describe(jobs, cluster, folder, out), flush=True)
     return wait_for(jobs) if args.wait else 0

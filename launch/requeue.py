@@ -99,11 +99,12 @@ class PipelineTask(submitit.helpers.Checkpointable):
     rank 0 (it travels in the pickle that `checkpoint()` writes).
     """
 
-    def __init__(self, command: list[str], workdir: str | None = None):
+    def __init__(self, command: list[str], workdir: str | None = None, env: dict[str, str] | None = None):
         if not command:
             raise ValueError("PipelineTask needs a non-empty command")
         self.command = list(command)
         self.workdir = os.path.abspath(workdir or os.getcwd())
+        self.env = dict(env or {})  # extra variables for the command (e.g. the collective timeout)
         self.requeues = 0
 
     def __call__(self) -> dict[str, tp.Any]:
@@ -115,7 +116,7 @@ class PipelineTask(submitit.helpers.Checkpointable):
         print(f"[launch] task {ranks.rank}/{ranks.world_size} on {job_env.hostname}: {' '.join(self.command)}",
               flush=True)
         with child.catching(STOP_SIGNALS):
-            env = child_environment(ranks, PROJECT_ROOT)
+            env = {**child_environment(ranks, PROJECT_ROOT), **self.env}
             returncode = child.run(self.command, env=env, cwd=self.workdir)
         if returncode == 0:
             return {"rank": ranks.rank, "world_size": ranks.world_size, "returncode": 0,

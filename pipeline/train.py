@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ from pipeline.io import atomic_write_text
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun (requeue) to continue
 NOISE_STREAM_BASE = 1_000_000  # training noise streams; sampling uses 0..steps (see docs/ARCHITECTURE.md)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+COLLECTIVE_TIMEOUT_ENV = "PIPELINE_COLLECTIVE_TIMEOUT_S"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600  # DeepSpeed's own default, now stated and changeable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,8 +71,23 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   timeout=collective_timeout())
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the other ranks before it fails: a rank whose node died (or hangs) then
+    ends the job instead of holding every other rank forever. From PIPELINE_COLLECTIVE_TIMEOUT_S (the launcher's
+    --collective-timeout); it must outlast rank 0's longest solo work between collectives (a sample grid)."""
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV) or str(DEFAULT_COLLECTIVE_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: must be a number of seconds > 0")
+    return timedelta(seconds=seconds)
 
 
 def free_port() -> int:

@@ -2,7 +2,7 @@
 import pytest
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-from launch.cli import main
+from launch.cli import build_parser, build_tasks, main
 from launch.environment import child_environment, master_port, ranks_from_job_environment
 from launch.executors import Resources, local_parameters, resolve_cluster
 
@@ -57,10 +57,31 @@ def test_dry_run_on_cpu_uses_the_requested_tasks(capsys, tmp_path):
      "remove --task-index"),
     (["generate", "--array", "0", "--dry-run", "--", "--out", "g"], "--array must be >= 1"),
 ])
-def test_bad_arguments_name_what_is_wrong(argv, message):
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert message in str(stop.value)
+def test_bad_arguments_name_what_is_wrong(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_collective_timeout_reaches_the_task_and_must_be_positive(capsys, tmp_path):
+    args = build_parser().parse_args(["train", "--collective-timeout", "45"])
+    [task] = build_tasks(args, ["--out", str(tmp_path)])
+    assert task.env == {"PIPELINE_COLLECTIVE_TIMEOUT_S": "45.0"}
+    assert main(["train", "--collective-timeout", "0", "--dry-run", "--", "--out", str(tmp_path)]) == 2
+    assert "--collective-timeout must be > 0" in capsys.readouterr().err
+
+
+def test_resuming_at_a_world_size_that_does_not_divide_the_global_batch_is_refused(capsys, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000020").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000020" / "COMPLETE").write_text('{"step": 20, "world_size": 2}')
+    (run / "config.yaml").write_text("train:\n  micro_batch: 16\n  grad_accum: 1\n")
+    before = sorted(p.name for p in run.rglob("*"))
+    assert main(["train", "--nodes", "3", "--dry-run", "--", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "3 ranks" in err and "global batch is 32" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in run.rglob("*")) == before  # nothing written
+    assert main(["train", "--nodes", "4", "--dry-run", "--", "--out", str(run)]) == 0  # 32 = 8 x 4
 
 
 def test_local_cluster_refuses_several_nodes_and_setup_lines():

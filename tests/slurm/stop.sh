@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Stop the one-node test cluster started by tests/slurm/start.sh: each daemon by the PID in its pidfile
-# (SIGTERM, then SIGKILL after 20 s), in reverse start order. Safe to run when nothing is running.
+# Stop the test cluster started by tests/slurm/start.sh: each daemon by the PID in its pidfile (SIGTERM, then
+# SIGKILL after 20 s), in reverse start order; then remove the node namespaces, the bridge and the node lines in
+# /etc/hosts. Safe to run when nothing is running.
 set -uo pipefail
+
+BRIDGE=slurmbr0
+HOSTS_BEGIN="# BEGIN tests/slurm nodes"
+HOSTS_END="# END tests/slurm nodes"
 
 alive() {  # see start.sh: check /proc state, PID 1 here reaps zombies slowly
     local pid=$1 state
@@ -23,9 +28,22 @@ stop_by_pidfile() {
     rm -f "$pidfile"
 }
 
-stop_by_pidfile /run/slurmd.pid
+for pidfile in /run/slurmd-*.pid /run/slurmd.pid; do stop_by_pidfile "$pidfile"; done
 stop_by_pidfile /run/slurmctld.pid
 stop_by_pidfile /run/slurmdbd.pid
 stop_by_pidfile /run/mysqld/mysqld.pid
 stop_by_pidfile /run/munge/munged.pid
+
+# Only the namespaces and links start.sh creates (slurm-nodeK, vnodeK, slurmbr0). A process still inside a
+# namespace (a job task) keeps it alive until it ends; deleting the name is still safe.
+for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^slurm-node[0-9]+$/ {print $1}'); do
+    echo "[slurm-stop] removing netns $ns" >&2
+    ip netns del "$ns"
+done
+ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE"
+if grep -q "^$HOSTS_BEGIN\$" /etc/hosts 2>/dev/null; then
+    tmp=$(mktemp)
+    sed "\\|^$HOSTS_BEGIN\$|,\\|^$HOSTS_END\$|d" /etc/hosts >"$tmp" && cat "$tmp" >/etc/hosts
+    rm -f "$tmp"
+fi
 exit 0
