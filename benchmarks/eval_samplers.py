@@ -27,6 +27,7 @@ from pipeline.evaluation.likelihood import export_likelihood  # noqa: E402
 from pipeline.evaluation.quality import sample_quality  # noqa: E402
 from pipeline.evaluation.shardset import read_image_set  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
+from pipeline.generation.settings import GenerateSettings  # noqa: E402
 
 
 def device_name(device: str) -> str:
@@ -56,8 +57,8 @@ def main() -> int:
         sampler, steps = item.split(":")
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
-            generate(args.checkpoint, folder, args.num, sampler=sampler, steps=int(steps), device=args.device,
-                     progress=False)
+            generate(GenerateSettings(checkpoint=args.checkpoint, out=folder, num_samples=args.num, sampler=sampler,
+                                      steps=int(steps), device=args.device, progress=False))
             seconds = time.perf_counter() - start
             fake = read_image_set(folder)
         r = sample_quality(real.images, fake.images, net, real_labels=real.labels)

@@ -54,11 +54,13 @@ def synchronize(device: torch.device) -> None:
 
 def images_per_second(inference, sampler: str, steps: int, num: int, batch_size: int, device) -> float:
     """Sampling only (no PNG): one warm-up batch (graph capture, autotuning), then `num` images timed."""
-    from pipeline.sample import sample_images
+    from pipeline.generation.sampling import sample_images
+    from pipeline.generation.settings import SamplerSettings
+
+    sampling = SamplerSettings(checkpoint="", sampler=sampler, steps=steps).sampling_for(inference.config)
 
     def batch(start: int, size: int):
-        return sample_images(inference, size, 0, sampler=sampler, steps=steps,
-                             sample_ids=torch.arange(start, start + size))
+        return sample_images(inference, range(start, start + size), sampling)
 
     batch(0, batch_size)
     synchronize(device)
@@ -72,14 +74,16 @@ def images_per_second(inference, sampler: str, steps: int, num: int, batch_size:
 def end_to_end(config, model, sampler: str, steps: int, num: int, batch_size: int, device) -> float:
     """The `generate` command's images/s into a temporary folder, from a real export of the weights."""
     from pipeline.generate import generate
+    from pipeline.generation.settings import GenerateSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         export = export_weights({k: v.cpu() for k, v in model.state_dict().items()}, config, 0, Path(tmp) / "run")
-        generate(export, Path(tmp) / "warm", batch_size, shard_size=batch_size, sampler=sampler, steps=steps,
-                 batch_size=batch_size, device=str(device), progress=False)  # capture/compile outside the clock
+        common = dict(checkpoint=str(export), sampler=sampler, steps=steps, batch_size=batch_size,
+                      device=str(device), progress=False)
+        generate(GenerateSettings(out=f"{tmp}/warm", num_samples=batch_size, shard_size=batch_size,
+                                  **common))  # capture/compile outside the clock
         began = time.perf_counter()
-        generate(export, Path(tmp) / "out", num, shard_size=max(batch_size, num // 4), sampler=sampler, steps=steps,
-                 batch_size=batch_size, device=str(device), progress=False)
+        generate(GenerateSettings(out=f"{tmp}/out", num_samples=num, shard_size=max(batch_size, num // 4), **common))
         return num / (time.perf_counter() - began)
 
 
@@ -97,7 +101,7 @@ def main() -> int:
     p.add_argument("--csv", default="generate_throughput.csv", help="where to write the results")
     args = p.parse_args()
 
-    from pipeline.generate import fast_inference
+    from pipeline.generation.sampling import fast_inference
 
     device = torch.device(args.device)
     config = load_config(args.config)

@@ -442,12 +442,14 @@ class Trainer:
         path = self.export()
         if self.rank != 0:
             return None
-        from pipeline.sample import sample_images
         from pipeline.checkpoint import load_for_inference
+        from pipeline.generation.sampling import sample_images
+        from pipeline.generation.settings import default_sampling
         from pipeline.images import save_grid
 
         inference = load_for_inference(path, device=self.device)
-        images = sample_images(inference, num=self.config.train.num_sample_images, seed=self.config.train.seed)
+        images = sample_images(inference, range(self.config.train.num_sample_images),
+                               default_sampling(self.config, seed=self.config.train.seed))
         grid = save_grid(images, self.run_dir / "samples" / f"step-{self.step:07d}.png")
         save_grid(images, self.run_dir / "samples" / "latest.png")
         self.logger.add_image(images, self.step)

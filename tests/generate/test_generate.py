@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from pipeline.data.shards import verify_shards
-from pipeline.generate import assigned_shards
+from pipeline.generation.plan import assigned_shards
 from tests.generate.conftest import ENV, REPO
 from tests.generate.helpers import FAST, generate, manifest, read_samples, shard_bytes
 
@@ -61,13 +61,14 @@ def test_one_task_equals_three_tasks_and_other_batch_sizes(uncond_run, tmp_path)
 def test_image_i_is_the_image_the_sampler_draws_for_id_i_alone(uncond_run, tmp_path):
     from pipeline.checkpoint import load_for_inference
     from pipeline.images import to_uint8
-    from pipeline.sample import sample_images
+    from pipeline.generation.sampling import sample_images
+    from pipeline.generation.settings import Sampling
 
     out = tmp_path / "gen"
     assert generate(uncond_run, out, 12, "--shard-size", "6", "--batch-size", "6", "--seed", "3") == 0
     inference = load_for_inference(uncond_run)
     for i in (0, 7, 11):  # one image at a time: no batch companions at all
-        alone = sample_images(inference, 1, 3, sampler="ddim", steps=4, sample_ids=torch.tensor([i]))
+        alone = sample_images(inference, [i], Sampling("ddim", 4, 0.0, 1.0, seed=3, classes=None))
         assert np.array_equal(read_samples(out)[i]["image"], to_uint8(alone)[0, :, :, 0])
 
 
@@ -88,7 +89,8 @@ def test_concurrent_ranks_write_one_complete_manifest(uncond_run, tmp_path):
 def test_class_conditional_labels_and_guidance(cond_run, tmp_path):
     from pipeline.checkpoint import load_for_inference
     from pipeline.images import to_uint8
-    from pipeline.sample import sample_images
+    from pipeline.generation.sampling import sample_images
+    from pipeline.generation.settings import Sampling
 
     out = tmp_path / "guided"
     assert generate(cond_run, out, 8, "--classes", "3", "7", "--guidance", "2", "--sampler", "dpmpp") == 0
@@ -99,8 +101,7 @@ def test_class_conditional_labels_and_guidance(cond_run, tmp_path):
     assert m["generator"]["classes"] == [3, 7] and m["class_names"] == [str(c) for c in range(10)]
     # Sample 5 alone, conditioned on class 7 with guidance 2, is the image in the shard. (A 30-step model's
     # class pathway is still too weak for guidance to change 8-bit pixels; the samplers' tests cover CFG.)
-    alone = sample_images(load_for_inference(cond_run), 1, 0, sampler="dpmpp", steps=4, guidance=2.0,
-                          sample_ids=torch.tensor([5]), labels=torch.tensor([7]))
+    alone = sample_images(load_for_inference(cond_run), [5], Sampling("dpmpp", 4, 0.0, 2.0, seed=0, classes=[3, 7]))
     assert np.array_equal(samples[5]["image"], to_uint8(alone)[0, :, :, 0])
 
 
@@ -112,7 +113,7 @@ def test_default_classes_cycle_over_all_classes(cond_run, tmp_path):
 def test_tasks_starting_at_once_all_claim_the_same_folder(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.generate import SPEC_NAME, claim_folder
+    from pipeline.generation.plan import SPEC_NAME, claim_folder
 
     spec = {"generator": {"model_hash": "abc", "seed": 0}, "num_samples": 10, "shard_size": 5}
     for attempt in range(20):

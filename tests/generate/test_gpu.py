@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_cuda_graph_replays_the_eager_forward(uncond_run):
     from pipeline.checkpoint import load_for_inference
-    from pipeline.generate import FastDenoiser
+    from pipeline.generation.sampling import FastDenoiser
 
     model = load_for_inference(uncond_run, device="cuda").model
     eager = FastDenoiser(model)

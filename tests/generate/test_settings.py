@@ -1,0 +1,64 @@
+"""The settings objects of `sample` and `generate`: flags declared once, checked in the object."""
+import argparse
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.generation import settings as s
+
+DDPM = load_config("configs/tiny.yaml", ["diffusion.timesteps=100", "diffusion.sample_steps=7"])
+COND = load_config("configs/tiny.yaml", ["model.num_classes=3", "diffusion.guidance=1.5"])
+VAE = load_config("configs/tiny_vae.yaml")
+
+
+def parse(settings_type, *argv):
+    parser = argparse.ArgumentParser()
+    s.add_arguments(parser, settings_type)
+    return settings_type.from_args(parser.parse_args(list(argv)))
+
+
+def test_sample_and_generate_share_the_sampler_flags():
+    shared = {f.name for f in s.dataclasses.fields(s.SamplerSettings)}
+    for command in (s.SampleSettings, s.GenerateSettings):
+        assert shared <= {f.name for f in s.dataclasses.fields(command)}
+    got = parse(s.GenerateSettings, "--checkpoint", "c", "--out", "o", "--num-samples", "5", "--compile",
+                "--no-progress", "--no-cuda-graph", "--classes", "1", "2", "--eta", "0.5")
+    assert (got.compile_model, got.progress, got.cuda_graph, got.classes, got.eta) == (True, False, False, [1, 2], 0.5)
+    assert parse(s.SampleSettings, "--checkpoint", "c") == s.SampleSettings(checkpoint="c")
+
+
+def test_config_fills_what_the_flags_leave_open():
+    assert s.SampleSettings(checkpoint="c", seed=4).sampling_for(DDPM) == s.Sampling("ddim", 7, 0.0, 1.0, 4, None)
+    assert s.SampleSettings(checkpoint="c").sampling_for(COND) == s.Sampling("ddim", 50, 0.0, 1.5, 0, [0, 1, 2])
+
+
+@pytest.mark.parametrize("kwargs,config,named", [
+    ({"steps": 0}, DDPM, "--steps must be >= 1, got 0"),
+    ({"steps": -3}, DDPM, "--steps must be >= 1"),
+    ({"steps": 101}, DDPM, "--steps must be in [1, 100]"),
+    ({"eta": -0.1}, DDPM, "--eta must be >= 0"),
+    ({"eta": 0.3, "sampler": "dpmpp"}, DDPM, "applies to --sampler ddim only"),
+    ({"num": 0}, DDPM, "--num must be >= 1, got 0"),
+    ({"guidance": 2.0}, DDPM, "unconditional model"),
+    ({"classes": [3]}, COND, "--classes [3] out of range"),
+    ({"steps": 5}, VAE, "--steps apply to diffusion (ddpm) models only"),
+    ({"sampler": "ddim", "eta": 1.0}, VAE, "--sampler, --eta apply to diffusion"),
+])
+def test_flags_that_cannot_apply_are_refused(kwargs, config, named):
+    with pytest.raises(s.SettingsError, match=None) as info:
+        s.SampleSettings(checkpoint="c", **kwargs).sampling_for(config)
+    assert named in str(info.value)
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["sample", "--checkpoint", "nowhere", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["sample", "--checkpoint", "nowhere", "--num", "-1"], "--num must be >= 1"),
+    (["generate", "--checkpoint", "nowhere", "--out", "x", "--num-samples", "0"], "--num-samples"),
+])
+def test_cli_prints_one_line_and_exits_2(capsys, tmp_path, monkeypatch, argv, named):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
