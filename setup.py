@@ -27,6 +27,6 @@ setup(
         "scikit-learn>=1.2",  # ships the real 8x8 digits: the embedded default data set
         "scipy>=1.10",  # matrix square root for Fréchet distances, two-sample tests
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6.100"]},
     entry_points={"console_scripts": ["diffusion-pipeline=pipeline.cli:main", "diffusion-launch=launch.cli:main"]},
 )

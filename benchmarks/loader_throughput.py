@@ -41,7 +41,7 @@ def write_resized_shards(folder: Path, images: np.ndarray, size: int, channels: 
     with shards.ShardWriter(folder, max_count=shard_size) as writer:
         for i, image in enumerate(images):
             resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC).convert(mode))
-            writer.add(shards.make_sample(i, shards.encode_png(resized), 0, {"source_index": i}))
+            writer.add(shards.make_sample(i, shards.encode_png(resized), -1, {"source_index": i}))
     shards.write_manifest(folder, shards.make_manifest(source="benchmark", image_size=(size, size),
                                                        channels=channels, class_names=[], shards=writer.records))
 

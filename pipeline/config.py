@@ -35,6 +35,7 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # fail when more than this fraction of samples cannot be decoded
     read_retries: int = 3  # re-reads of a remote shard whose connection or command fails part-way
     read_timeout_s: float = 30.0  # a remote read that receives nothing for this long counts as failed
+    verify: Literal["off", "size", "sha256"] = "size"  # check the shards against their manifest at the start
 
 
 @dataclass

@@ -225,7 +225,7 @@ class Trainer:
                       "max_nonfinite", "loss_backend", "fault_nonfinite_steps"}
         diffs = [f"{sec}.{k}: {saved[sec].get(k)!r} -> {v!r}" for sec in ("data", "model", "diffusion", "train")
                  for k, v in now[sec].items() if saved.get(sec, {}).get(k) != v
-                 and not (sec == "train" and k in changeable) and not (sec == "data" and k == "num_workers")]
+                 and not (sec == "train" and k in changeable) and not (sec == "data" and k in ("num_workers", "verify"))]
         if diffs:
             raise ConfigError(f"{self.run_dir} holds a run with a different config; resuming would mix them "
                               f"({'; '.join(diffs)}). Use a new --out, or the original settings.")
@@ -240,7 +240,7 @@ class Trainer:
                                seed=t.seed, rank=self.rank, world_size=self.world, num_workers=d.num_workers,
                                shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, resampled=d.resampled,
                                max_bad_fraction=d.max_bad_fraction, fit=d.fit, retries=d.read_retries,
-                               timeout_s=d.read_timeout_s)
+                               timeout_s=d.read_timeout_s, verify=d.verify)
 
     def batches(self):
         """Micro-batches forever, epoch after epoch (the loader knows its own position)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import io
 import os
 import re
 import sys
@@ -206,6 +207,21 @@ def folder_classes(folder: Path, files: list[Path]) -> tuple[list[str], list[int
     return class_names, [index[parts[0]] for parts in tops]
 
 
+def read_image_file(file: Path) -> bytes:
+    """The bytes of an image file that decodes whole; a PrepareError naming it otherwise, so a damaged file
+    stops `prepare` before anything is written."""
+    from PIL import Image
+
+    try:
+        data = file.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:  # Pillow's ways to fail
+        raise PrepareError(f"{file}: not a readable image ({type(exn).__name__}: {exn}); remove or replace "
+                           "it") from None
+    return data
+
+
 def load_folder_source(path: str | None) -> Source:
     from PIL import Image
 
@@ -220,9 +236,10 @@ def load_folder_source(path: str | None) -> Source:
     class_names, labels = folder_classes(folder, files)
     sizes, modes, digest = set(), set(), hashlib.sha256()
     for file, label in zip(files, labels):
+        data = read_image_file(file)
         digest.update(f"{file.relative_to(folder).as_posix()}:{label}:".encode())
-        digest.update(file.read_bytes())
-        with Image.open(file) as img:  # reads the header only
+        digest.update(data)
+        with Image.open(io.BytesIO(data)) as img:
             if img.mode not in GRAY_MODES | COLOR_MODES:
                 raise PrepareError(f"{file}: image mode {img.mode} cannot be stored as 8-bit L/RGB losslessly")
             if sizes and (img.height, img.width) not in sizes:

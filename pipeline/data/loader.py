@@ -17,9 +17,13 @@ comes next. Restoring rebuilds each worker's stream for its epoch, skips that ma
 the tar, not decoding) and starts DataLoader's round-robin at the right worker, so the batches that follow
 are exactly those an uninterrupted run would have produced (for the same world size and worker count).
 
-Bad data. An undecodable sample (or one lacking its png/cls) is skipped and logged with its key; a shard
-that is truncated or unreadable counts its missing samples (from the manifest) as bad. More bad than
-`max_bad_fraction` of the samples raises TooManyBadSamples.
+Bad data. At the start the shard folder is checked against its manifest (`verify`: "size" stats every
+shard and looks for unlisted ones, "sha256" also hashes every shard, "off" skips it): a mismatch is a
+LoaderError. While reading, `shards.read_shard` (the one strict reader) delivers only complete samples
+whose key is one of the shard's ids and whose label the manifest allows, each at most once, and
+resynchronises after a damaged tar header; the samples of a shard it could not deliver are counted
+exactly (manifest count - delivered) and logged with their keys, as are samples whose PNG does not decode.
+More bad than `max_bad_fraction` of the samples raises TooManyBadSamples.
 """
 from __future__ import annotations
 
@@ -29,14 +33,13 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import group_by_keys
 
 from pipeline.data import shards as shard_format
 from pipeline.data import urls
@@ -62,44 +65,70 @@ class Batch(NamedTuple):
     keys: list[str]  # the samples' keys (global sample ids, `%09d`)
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    path: str
-    num_samples: int | None  # from the manifest; None when no manifest lists the shard
+ShardInfo = shard_format.ShardSpec  # a shard as its manifest describes it (path, count, ids, classes, size)
 
 
 # ---------------------------------------------------------------- finding shards
-def resolve_shards(path: str | os.PathLike, timeout_s: float = urls.DEFAULT_TIMEOUT_S) -> list[ShardInfo]:
-    """Shards of a folder (from its manifest), of a brace/glob pattern, or of a URL (`pipeline.data.urls`);
-    a clear error if none exist."""
+def resolve_shards(path: str | os.PathLike, verify: str = "size",
+                   timeout_s: float = urls.DEFAULT_TIMEOUT_S) -> list[ShardInfo]:
+    """Shards of a folder (from its manifest), of a brace/glob pattern, or of a URL (`pipeline.data.urls`),
+    local ones checked against their manifest at level `verify`; a clear error if none exist or they
+    disagree with the manifest."""
     path = urls.local_path(path)
     if urls.is_remote(path):
-        return [ShardInfo(url, count) for url, count in urls.remote_shards(path, timeout_s)]
+        return remote_specs(path, timeout_s)
     if os.path.isdir(path):
         manifest = shard_format.read_manifest(path)
-        found = [ShardInfo(os.path.join(path, r["name"]), int(r["num_samples"])) for r in manifest["shards"]]
+        found = shard_format.shard_specs(path, manifest)
         missing = [s.path for s in found if not os.path.isfile(s.path)]
         if missing:
             raise LoaderError(f"{len(missing)} shard(s) listed in {path}/manifest.json are missing, e.g. {missing[0]}")
         if not found:
             raise LoaderError(f"the manifest in {path} lists no shards")
-        return found
-    try:
-        names = urls.expand(path)
-    except urls.RemoteReadError as exn:
-        raise LoaderError(str(exn)) from None
-    return [ShardInfo(name, counts_from_manifest(name)) for name in names]
+        problems = shard_format.verify_shards(path, manifest, verify)
+    else:
+        try:
+            found = specs_from_manifests(urls.expand(path))
+        except urls.RemoteReadError as exn:
+            raise LoaderError(str(exn)) from None
+        listed = [s for s in found if s.num_samples is not None and verify != "off"]
+        problems = [p for p in (shard_format.check_shard_file(s, verify) for s in listed) if p]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LoaderError(f"shards of {path} do not match their manifest (verify={verify}): "
+                          f"{'; '.join(problems[:3])}{more}. Re-create them (prepare / generate), or set "
+                          "data.verify=off to read what is there (lost samples count against max_bad_fraction)")
+    return found
 
 
-def counts_from_manifest(shard_path: str) -> int | None:
-    """The shard's sample count when a manifest beside it lists it (used to count truncation losses)."""
-    folder = os.path.dirname(shard_path) or "."
-    try:
-        manifest = shard_format.read_manifest(folder)
-    except shard_format.ManifestError:
-        return None
-    counts = {r["name"]: int(r["num_samples"]) for r in manifest["shards"]}
-    return counts.get(os.path.basename(shard_path))
+def remote_specs(path: str, timeout_s: float) -> list[ShardInfo]:
+    """Shards of a remote folder as its manifest describes them (ids and classes too, so the reader can
+    check keys and labels); of a remote pattern with the counts `urls.remote_shards` finds."""
+    if not urls.is_folder(path):
+        return [ShardInfo(url, count) for url, count in urls.remote_shards(path, timeout_s)]
+    manifest = urls.read_manifest(urls.join(path, shard_format.MANIFEST_NAME), timeout_s)
+    found = shard_format.shard_specs(path, manifest, join=urls.join)
+    if not found:
+        raise LoaderError(f"the manifest of {path} lists no shards")
+    urls.check_readable(found[0].path, timeout_s)
+    return found
+
+
+def specs_from_manifests(names: list[str]) -> list[ShardInfo]:
+    """Each local shard as a manifest beside it describes it; only its path when no manifest lists it (then
+    its losses cannot be counted exactly)."""
+    by_folder: dict[str, dict[str, ShardInfo]] = {}
+    specs = []
+    for name in names:
+        folder = os.path.dirname(name) or "."
+        if folder not in by_folder:
+            try:
+                by_folder[folder] = {os.path.basename(s.path): s for s in shard_format.shard_specs(folder)}
+            except shard_format.ManifestError:
+                by_folder[folder] = {}
+        listed = by_folder[folder].get(os.path.basename(name))
+        specs.append(ShardInfo(name) if listed is None else replace(listed, path=name))
+    return specs
 
 
 # ---------------------------------------------------------------- decoding
@@ -217,35 +246,50 @@ class Progress:
     consumed: int = 0
 
 
-def files_of(stream: Any, url: str) -> Iterator[dict[str, Any]]:
-    """A tar's members as webdataset's {fname, data, __url__} records (the input of `group_by_keys`)."""
-    for name, data in shard_format.tar_members(stream):
-        yield {"fname": name, "data": data, "__url__": url}
+class ShardRead:
+    """One shard through the strict reader (`shards.read_shard`), a remote one re-read from its start when the
+    read fails part-way (`urls.read_retrying` skips what was delivered). Iterate it for the samples; then
+    `report` says exactly what the shard could not deliver. Loader and evaluation both read this way."""
+
+    def __init__(self, shard: ShardInfo, retries: int = urls.DEFAULT_RETRIES,
+                 timeout_s: float = urls.DEFAULT_TIMEOUT_S):
+        self.shard, self.retries, self.timeout_s = shard, retries, timeout_s
+        self.attempts: list[shard_format.ShardReport] = []  # one report per read of the stream
+        self.error: str | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from urls.read_retrying(self.shard.path, self._parse, retries=self.retries,
+                                          timeout_s=self.timeout_s)
+        except (EOFError, OSError) as exn:  # cut short, or unreadable after the retries: the rest is lost
+            self.error = f"{type(exn).__name__}: {exn}"
+
+    def _parse(self, stream: Any) -> Iterator[dict[str, Any]]:
+        self.attempts.append(shard_format.ShardReport(self.shard))
+        return shard_format.read_shard(stream, self.shard, self.attempts[-1])
+
+    @property
+    def report(self) -> shard_format.ShardReport:
+        # Every read yields the same samples in the same order: the longest one saw all that was delivered.
+        report = max(self.attempts, key=lambda r: len(r.delivered), default=shard_format.ShardReport(self.shard))
+        return replace(report, damage=report.damage + [self.error] if self.error else report.damage)
 
 
 def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress, retries: int = urls.DEFAULT_RETRIES,
               timeout_s: float = urls.DEFAULT_TIMEOUT_S) -> Iterator[dict[str, Any]]:
-    """Raw samples of the plan's shards, in order; read failures become BadEvents (not exceptions).
-    A remote shard whose read fails part-way is re-read `retries` times first (`urls.read_retrying`)."""
+    """Samples of the plan's shards, in order, from the strict reader; what a shard could not deliver
+    becomes one BadEvent (counting its lost samples exactly), never an exception."""
     position = 0
     for shard, reports in zip(plan.shards, plan.reports):
-        read = 0
-        try:
-            for sample in urls.read_retrying(shard.path, lambda stream: group_by_keys(files_of(stream, shard.path)),
-                                             retries=retries, timeout_s=timeout_s):
-                read += 1
-                if plan.sample_split is None or position % plan.sample_split[0] == plan.sample_split[1]:
-                    yield sample
-                position += 1
-            problem = None
-            if shard.num_samples is not None and read != shard.num_samples:
-                problem = f"holds {read} sample(s), the manifest says {shard.num_samples}"
-        except Exception as exn:  # EOF/format/OS errors all mean the same: the rest of this shard is lost
-            problem = f"truncated or unreadable after {read} sample(s): {type(exn).__name__}: {exn}"
-        if problem and reports:
-            lost = shard.num_samples - read if shard.num_samples is not None else 0
-            lost = max(lost, 0 if "manifest says" in problem else 1)
-            events.append(BadEvent(urls.file_name(shard.path), problem, lost, progress.epoch, progress.consumed))
+        read = ShardRead(shard, retries, timeout_s)
+        for sample in read:
+            if plan.sample_split is None or position % plan.sample_split[0] == plan.sample_split[1]:
+                yield sample
+            position += 1
+        report = read.report
+        if reports and (report.lost or report.damage or report.ignored):
+            events.append(BadEvent(urls.file_name(shard.path), report.summary(), report.lost, progress.epoch,
+                                   progress.consumed))
 
 
 @dataclass
@@ -336,14 +380,12 @@ class UnitStream(torch.utils.data.IterableDataset):
             progress.epoch, progress.consumed, skip = progress.epoch + 1, 0, 0
 
     def decode(self, sample: dict[str, Any], epoch: int) -> tuple[np.ndarray, int]:
+        """Image and label of a sample `read_shard` delivered (it checked the members and the label)."""
         c = self.config
-        if "png" not in sample:
-            raise KeyError(f"no png member (has {sorted(k for k in sample if not k.startswith('__'))})")
         image = decode_image(sample["png"], c.resolution, c.channels, c.fit)
         if c.hflip and flip_this(c.seed, epoch, sample["__key__"]):
             image = np.ascontiguousarray(image[:, :, ::-1])
-        label = int(sample["cls"].decode()) if "cls" in sample else -1
-        return image, label
+        return image, sample["__label__"]
 
 
 def _identity(item: Item) -> Item:
@@ -378,22 +420,22 @@ class StreamingLoader:
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  shuffle_buffer: int = 1000, hflip: bool = False, resampled: bool = False,
                  max_bad_fraction: float = 0.01, fit: str = "resize", retries: int = urls.DEFAULT_RETRIES,
-                 timeout_s: float = urls.DEFAULT_TIMEOUT_S):
+                 timeout_s: float = urls.DEFAULT_TIMEOUT_S, verify: str = "size"):
         resolution = image_size(resolution)
         if batch_size < 1 or min(resolution) < 1 or channels not in (1, 3) or num_workers < 0:
             raise LoaderError(f"need batch_size >= 1, resolution >= 1, channels 1 or 3, num_workers >= 0; got "
                               f"{batch_size}, {resolution}, {channels}, {num_workers}")
-        if fit not in FITS or not 0 <= max_bad_fraction <= 1:
-            raise LoaderError(f"fit must be one of {FITS} and max_bad_fraction in [0, 1]; got {fit!r}, "
-                              f"{max_bad_fraction}")
+        if fit not in FITS or not 0 <= max_bad_fraction <= 1 or verify not in shard_format.VERIFY_LEVELS:
+            raise LoaderError(f"fit must be one of {FITS}, max_bad_fraction in [0, 1] and verify one of "
+                              f"{shard_format.VERIFY_LEVELS}; got {fit!r}, {max_bad_fraction}, {verify!r}")
         rank, world_size = resolve_rank(rank, world_size)
         self.num_workers = num_workers
         self.max_bad_fraction = max_bad_fraction
         if retries < 0 or timeout_s <= 0:
             raise LoaderError(f"need retries >= 0 and timeout_s > 0; got {retries}, {timeout_s}")
-        self.config = StreamConfig(resolve_shards(path, timeout_s), batch_size, resolution, channels, fit, seed,
-                                   rank, world_size, max(1, num_workers), shuffle_buffer, hflip, resampled, retries,
-                                   timeout_s)
+        self.config = StreamConfig(resolve_shards(path, verify, timeout_s), batch_size, resolution, channels, fit,
+                                   seed, rank, world_size, max(1, num_workers), shuffle_buffer, hflip, resampled,
+                                   retries, timeout_s)
         self.epoch = 0
         self._reset_positions(0)
 

@@ -15,8 +15,10 @@ import hashlib
 import io
 import json
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -35,6 +37,8 @@ ZERO_BLOCK = bytes(TAR_BLOCK)
 # Keys every manifest must hold (generation adds its own; unknown keys round-trip untouched).
 REQUIRED_MANIFEST_KEYS = ("format", "source", "image_size", "channels", "class_names", "num_samples", "shards")
 REQUIRED_SHARD_KEYS = ("name", "num_samples", "bytes", "sha256")
+KEY_FORMAT = "%09d"  # a sample's key: its global sample id
+REQUIRED_MEMBERS = ("png", "cls")  # what a sample needs to be delivered (`json` is metadata)
 
 
 class ManifestError(PipelineError, ValueError):
@@ -78,7 +82,7 @@ def make_sample(sample_id: int, png: bytes, cls: int, meta: dict[str, Any]) -> d
     if "source_index" not in meta:
         raise ValueError("sample metadata must hold 'source_index'")
     return {
-        "__key__": f"{int(sample_id):09d}",
+        "__key__": KEY_FORMAT % int(sample_id),
         "png": png,
         "cls": str(int(cls)).encode(),
         "json": json.dumps(meta, sort_keys=True).encode(),
@@ -216,104 +220,373 @@ def check_manifest(manifest: Any, where: str) -> None:
         lacking = [k for k in REQUIRED_SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
         if lacking:
             raise ManifestError(f"{where}: shards[{i}] lacks {', '.join(lacking)}")
+    problems = _manifest_value_problems(manifest)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ManifestError(f"{where}: {problems[0]}{more}")
 
 
-def verify_shards(folder: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[str]:
-    """Check every shard listed in the manifest: present, size, sha256, sample count.
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    Returns a list of problems (empty when the folder is intact). Counting samples reads each tar.
+
+def _manifest_value_problems(manifest: dict[str, Any]) -> list[str]:
+    """Values a reader cannot trust: each one a short phrase naming the key, the value and what is allowed."""
+    problems = []
+    if manifest["format"] != FORMAT:
+        problems.append(f"format {manifest['format']!r} is not {FORMAT!r}")
+    size = manifest["image_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_count(v) and v > 0 for v in size)):
+        problems.append(f"image_size {size!r} is not [height, width] of positive integers")
+    if manifest["channels"] not in (1, 3) or isinstance(manifest["channels"], bool):
+        problems.append(f"channels {manifest['channels']!r} is not 1 or 3")
+    names = manifest["class_names"]
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        problems.append(f"class_names {names!r} is not a list of strings")
+    seen = set()
+    for i, record in enumerate(manifest["shards"]):
+        name = record["name"]
+        if not (isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
+                and "\\" not in name):
+            problems.append(f"shards[{i}].name {name!r} is not a plain file name")
+        elif name in seen:
+            problems.append(f"shards[{i}].name {name!r} is listed twice")
+        seen.add(name)
+        for key in ("num_samples", "bytes", "first_id"):
+            if key in record and not _is_count(record[key]):
+                problems.append(f"shards[{i}].{key} {record[key]!r} is not an integer >= 0")
+        if not (isinstance(record["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", record["sha256"])):
+            problems.append(f"shards[{i}].sha256 {record['sha256']!r} is not 64 lowercase hex digits")
+    if problems:
+        return problems
+    total = sum(r["num_samples"] for r in manifest["shards"])
+    if manifest["num_samples"] != total:
+        problems.append(f"num_samples {manifest['num_samples']!r} is not the sum over its shards ({total})")
+    ranges = sorted((start, start + r["num_samples"], r["name"])
+                    for start, r in zip(_first_ids(manifest["shards"]), manifest["shards"]) if r["num_samples"])
+    for (_, end, name), (start, _, other) in zip(ranges, ranges[1:]):
+        if start < end:
+            problems.append(f"shards {name} and {other} claim the same sample ids (from {start})")
+    return problems
+
+
+def _first_ids(records: list[dict[str, Any]]) -> list[int]:
+    """The first sample id of each shard: its `first_id` (generation), else where the previous one ended
+    (ingest numbers samples 0, 1, ... through the shards in manifest order)."""
+    firsts, next_id = [], 0
+    for record in records:
+        firsts.append(int(record.get("first_id", next_id)))
+        next_id = firsts[-1] + int(record["num_samples"])
+    return firsts
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard as its manifest describes it; all but `path` are None when no manifest lists the shard."""
+
+    path: str
+    num_samples: int | None = None
+    first_id: int | None = None  # the shard holds the sample ids first_id .. first_id + num_samples - 1
+    num_classes: int | None = None  # allowed labels: -1 (unlabeled) and 0 .. num_classes - 1
+    bytes: int | None = None
+    sha256: str | None = None
+
+    @property
+    def ids(self) -> range | None:
+        if self.num_samples is None or self.first_id is None:
+            return None
+        return range(self.first_id, self.first_id + self.num_samples)
+
+
+def shard_specs(folder: str | os.PathLike, manifest: dict[str, Any] | None = None,
+                join: Callable[[str, str], str] = os.path.join) -> list[ShardSpec]:
+    """The shards a folder's manifest lists, in manifest order (`join` places a name in a remote folder)."""
+    manifest = read_manifest(folder) if manifest is None else manifest
+    classes = len(manifest["class_names"])
+    return [ShardSpec(join(str(folder), r["name"]), int(r["num_samples"]), first, classes, int(r["bytes"]),
+                      r["sha256"]) for first, r in zip(_first_ids(manifest["shards"]), manifest["shards"])]
+
+
+def shard_paths(folder: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[Path]:
+    """Paths of the shards a manifest lists, in manifest order."""
+    return [Path(spec.path) for spec in shard_specs(folder, manifest)]
+
+
+# ---------------------------------------------------------------- checking a folder against its manifest
+VERIFY_LEVELS = ("off", "size", "sha256")
+
+
+def verify_shards(folder: str | os.PathLike, manifest: dict[str, Any] | None = None,
+                  level: str = "sha256") -> list[str]:
+    """How a shard folder disagrees with its manifest, one short line per problem (empty: they agree).
+
+    level "size": every listed shard exists with its recorded size, and no unlisted `*.tar` lies beside
+    them (a stat per file). "sha256": also each shard's sha256 and sample count (one read of every shard).
+    "off": nothing.
     """
+    if level not in VERIFY_LEVELS:
+        raise ValueError(f"verify level {level!r} is not one of {VERIFY_LEVELS}")
+    if level == "off":
+        return []
     folder = Path(folder)
     manifest = read_manifest(folder) if manifest is None else manifest
-    problems = []
-    for record in manifest["shards"]:
-        path = folder / record["name"]
-        if not path.is_file():
-            problems.append(f"{record['name']}: missing")
-            continue
-        if path.stat().st_size != record["bytes"]:
-            problems.append(f"{record['name']}: {path.stat().st_size} bytes, manifest says {record['bytes']}")
-        digest = sha256_file(path)
-        if digest != record["sha256"]:
-            problems.append(f"{record['name']}: sha256 {digest[:12]}... differs from manifest {record['sha256'][:12]}...")
-            continue
-        count = count_samples(path)
-        if count != record["num_samples"]:
-            problems.append(f"{record['name']}: {count} samples, manifest says {record['num_samples']}")
-    total = sum(r["num_samples"] for r in manifest["shards"])
-    if total != manifest["num_samples"]:
-        problems.append(f"manifest num_samples {manifest['num_samples']} != sum over shards {total}")
-    return problems
+    listed = {r["name"] for r in manifest["shards"]}
+    problems = [f"{p.name}: in the folder but not in its manifest" for p in sorted(folder.glob("*.tar"))
+                if p.name not in listed]
+    checked = (check_shard_file(spec, level) for spec in shard_specs(folder, manifest))
+    return [p for p in checked if p] + problems
+
+
+def check_shard_file(spec: ShardSpec, level: str) -> str | None:
+    """Why the file at `spec.path` is not the shard its manifest record describes, or None."""
+    path = Path(spec.path)
+    if not path.is_file():
+        return f"{path.name}: missing"
+    size = path.stat().st_size
+    if spec.bytes is not None and size != spec.bytes:
+        return f"{path.name}: {size} bytes, manifest says {spec.bytes}"
+    if level != "sha256" or spec.sha256 is None:
+        return None
+    with open(path, "rb") as f:
+        stream = _HashingReader(f)
+        count = _count_keys(stream)
+        while stream.read(1 << 20):  # hash what follows the archive too
+            pass
+    digest = stream.digest.hexdigest()
+    if digest != spec.sha256:
+        return f"{path.name}: sha256 {digest[:12]}... differs from manifest {spec.sha256[:12]}..."
+    if spec.num_samples is not None and count != spec.num_samples:
+        return f"{path.name}: {count} samples, manifest says {spec.num_samples}"
+    return None
+
+
+class _HashingReader:
+    """A read-only stream that hashes what is read through it."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
 
 
 def count_samples(path: str | os.PathLike) -> int:
     """Number of distinct sample keys in a tar (raises on a truncated or corrupt tar)."""
     with open(path, "rb") as stream:
-        return len({name.split(".", 1)[0] for name, _ in tar_members(stream)})
+        return _count_keys(stream)
 
 
+def _count_keys(stream: BinaryIO) -> int:
+    problems: list[str] = []
+    keys = {split_member_name(name)[0] for name, _ in tar_members(stream, problems)}
+    return len(keys) if not problems else -1  # a damaged tar never matches a manifest count
+
+
+# ---------------------------------------------------------------- reading tar streams
 class TarFormatError(ValueError):
     """A tar stream that is corrupt (bad header checksum, unsupported number encoding)."""
 
 
-def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file in a tar stream, in order; raises on truncation or corruption.
+def tar_members(stream: BinaryIO, problems: list[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file in a tar stream, in order.
 
-    Reads ustar/pax/GNU-long-name headers directly: ~5x faster than `tarfile` on small members, and,
-    unlike `tarfile`'s stream mode (which ends quietly at a cut header), a tar that stops before its
-    end-of-archive blocks raises EOFError, so a truncated shard is always noticed.
+    A stream cut short (even only its end-of-archive blocks) raises EOFError: nothing more can be read, and
+    a remote reader retries on it. A corrupt header raises TarFormatError without `problems`; with a list,
+    it is appended there instead and reading goes on at the next 512-byte block that is a valid header (its
+    checksum matches), so one bad header costs one member, not the rest of the shard. Blocks after the
+    end-of-archive zeros are read to the end of the stream, so a zeroed header is resynchronised too.
+
+    Reads ustar/pax/GNU-long-name headers directly: ~5x faster than `tarfile` on small members, and
+    unlike `tarfile`'s stream mode (which ends quietly at a cut header) it notices every truncation.
     """
+    def report(error: type[Exception], message: str) -> None:
+        if problems is None:
+            raise error(message)
+        problems.append(message)
+
+    offset = 0  # bytes read so far
+    gap = None  # where in-sync reading stopped (a zero or a damaged block), while looking for the next header
+    damaged = None  # the first damaged (non-zero, not a header) block of the gap
+    ended = False  # an end-of-archive (zero) block was read
     next_name = None  # from a pax or GNU long-name header, for the member that follows
     while True:
-        header = stream.read(TAR_BLOCK)
-        if len(header) < TAR_BLOCK:
-            raise EOFError(f"tar ends inside a header or before its end-of-archive blocks ({len(header)} bytes)")
-        if header == ZERO_BLOCK:
+        block = stream.read(TAR_BLOCK)
+        at, offset = offset, offset + len(block)
+        if len(block) < TAR_BLOCK:
+            if damaged is not None:
+                report(TarFormatError, f"corrupt tar header at byte {damaged}, no valid header after it")
+            if not ended:  # (a cut after the first end-of-archive block loses nothing)
+                raise EOFError(f"tar ends at byte {offset}, "
+                               + ("inside a block" if block else "before its end-of-archive blocks"))
             return
-        size = _tar_number(header[124:136])
-        if _tar_number(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise TarFormatError("tar header checksum mismatch: corrupt header")
+        header = None if block == ZERO_BLOCK else _parse_header(block)
+        if header is None:  # the end of the archive, damage, or bytes after the end
+            gap = at if gap is None else gap
+            ended = ended or block == ZERO_BLOCK
+            damaged = at if damaged is None and block != ZERO_BLOCK else damaged
+            continue
+        if gap is not None:  # zero or damaged blocks, then a header: the archive had not ended there
+            report(TarFormatError, f"corrupt tar header at byte {gap}: {at - gap} bytes skipped to the next "
+                                   "valid header")
+            gap, damaged, ended, next_name = None, None, False, None
+        kind, size = header
         data = stream.read(size)
+        offset += len(data)
+        name = next_name or _ustar_name(block)
         if len(data) != size:
-            raise EOFError(f"tar member data cut short ({len(data)} of {size} bytes)")
-        stream.read(-size % TAR_BLOCK)
-        kind = header[156:157]
+            raise EOFError(f"tar ends at byte {offset}, inside member {name} ({len(data)} of {size} bytes)")
+        offset += len(stream.read(-size % TAR_BLOCK))
+        next_name = None
         if kind == b"L":  # GNU long name
-            next_name = data.rstrip(b"\0").decode()
+            next_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind == b"x":  # pax extended header: only the path matters here
-            next_name = _pax_records(data).get("path", next_name)
+            try:
+                next_name = _pax_records(data).get("path")
+            except ValueError:
+                report(TarFormatError, f"malformed pax header before byte {offset}")
         elif kind in (b"0", b"\0"):
-            yield next_name or _ustar_name(header), data
-            next_name = None
+            yield name, data
+
+
+def _parse_header(block: bytes) -> tuple[bytes, int] | None:
+    """(type flag, data size) of a valid tar header block, or None when its checksum or size is bad."""
+    try:
+        stored = _tar_number(block[148:156])
+        size = _tar_number(block[124:136])
+    except TarFormatError:
+        return None
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32  # the checksum field counts as spaces
+    if stored != unsigned:
+        signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)  # old tars sum signed bytes
+        if stored != signed:
+            return None
+    return block[156:157], size
 
 
 def _tar_number(field: bytes) -> int:
     if field[:1] in (b"\x80", b"\xff"):
         raise TarFormatError("base-256 tar numbers (members over 8 GiB) are not supported")
-    try:
-        return int(field.rstrip(b"\0 ").lstrip(b" ") or b"0", 8)
-    except ValueError:
-        raise TarFormatError(f"bad octal number {field!r} in tar header: corrupt header") from None
+    digits = field.rstrip(b"\0 ").lstrip(b" ")
+    if not re.fullmatch(rb"[0-7]*", digits):
+        raise TarFormatError(f"bad octal number {field!r} in tar header: corrupt header")
+    return int(digits or b"0", 8)
 
 
 def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0].decode()
-    prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if header[257:262] == b"ustar" else ""
     return f"{prefix}/{name}" if prefix else name
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """Parse pax records: "LENGTH key=value\\n" repeated."""
+    """Parse pax records: "LENGTH key=value\\n" repeated (ValueError when malformed)."""
     records, pos = {}, 0
     while pos < len(data):
-        length = int(data[pos:data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
-        records[key.decode()] = value.decode()
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= space - pos:
+            raise ValueError(f"bad pax record length {length}")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
 
 
-def shard_paths(folder: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[Path]:
-    """Paths of the shards a manifest lists, in manifest order."""
-    manifest = read_manifest(folder) if manifest is None else manifest
-    return [Path(folder) / r["name"] for r in manifest["shards"]]
+# ---------------------------------------------------------------- reading samples (loader and evaluation)
+def split_member_name(name: str) -> tuple[str, str]:
+    """`DIR/KEY.EXT.S` -> (`DIR/KEY`, `EXT.S`), as webdataset groups members; ext is "" without a dot."""
+    folder, slash, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return folder + slash + stem, ext
+
+
+def parse_label(data: bytes, num_classes: int | None) -> int:
+    """A `cls` member as an int: -1 (unlabeled) or a class the manifest names; ValueError otherwise."""
+    label = int(data.decode("ascii"))
+    if label < -1 or (num_classes is not None and label >= num_classes):
+        allowed = "-1" if num_classes == 0 else f"-1..{num_classes - 1}" if num_classes else "-1 or more"
+        raise ValueError(f"label {label} outside the manifest's classes ({allowed})")
+    return label
+
+
+@dataclass
+class ShardReport:
+    """What reading one shard found: the samples it delivered, and why the others could not be."""
+
+    spec: ShardSpec
+    delivered: set[str] = field(default_factory=set)  # keys
+    bad: dict[str, str] = field(default_factory=dict)  # key -> why that sample could not be delivered
+    damage: list[str] = field(default_factory=list)  # problems of the tar stream itself
+    ignored: list[str] = field(default_factory=list)  # members skipped that are not the shard's samples
+
+    @property
+    def lost(self) -> int:
+        """Samples of this shard not delivered: exact for a shard its manifest lists; without a manifest a
+        lower bound (the damaged samples the tar still shows, at least one when the tar is damaged)."""
+        if self.spec.num_samples is not None:
+            return self.spec.num_samples - len(self.delivered)
+        return max(len(self.bad), 1 if self.damage else 0)
+
+    def summary(self) -> str:
+        """One line: what was lost, the first few reasons."""
+        parts = []
+        if self.lost:
+            ids = self.spec.ids
+            missing = (sorted(set(map(KEY_FORMAT.__mod__, ids)) - self.delivered) if ids is not None
+                       else sorted(self.bad))
+            shown = ", ".join(f"{key} ({self.bad[key]})" if key in self.bad else key for key in missing[:3])
+            parts.append(f"{self.lost} sample(s) lost: {shown}{', ...' if len(missing) > 3 else ''}")
+        for what, notes in (("tar damage", self.damage), ("ignored", self.ignored)):
+            if notes:
+                parts.append(f"{what}: {'; '.join(notes[:2])}{f' (+{len(notes) - 2} more)' if len(notes) > 2 else ''}")
+        return "; ".join(parts)
+
+
+def read_shard(stream: BinaryIO, spec: ShardSpec, report: ShardReport) -> Iterator[dict[str, Any]]:
+    """The one strict reader of the shard format: the shard's complete, valid samples, in tar order, each
+    key at most once, as {"__key__", "__url__", "png", "cls", "json", "__label__": int}.
+
+    A sample is delivered when it has a `png` and a `cls` whose label the manifest allows, and its key is one
+    of the ids the manifest gives the shard (a copied or renamed shard holds foreign keys: skipped). Bad
+    content never raises: `report` records each sample not delivered and each damage to the tar. A stream
+    cut short raises EOFError after the samples that were whole before the cut.
+    """
+    sample: dict[str, Any] | None = None
+    try:
+        for name, data in tar_members(stream, report.damage):
+            key, ext = split_member_name(name)
+            if sample is not None and (key != sample["__key__"] or ext in sample):
+                yield from _deliver(sample, spec, report)
+                sample = None
+            if sample is None:
+                sample = {"__key__": key, "__url__": spec.path}
+            sample[ext] = data
+    except EOFError:  # a cut: the sample read before it may be whole
+        if sample is not None:
+            yield from _deliver(sample, spec, report)
+        raise
+    if sample is not None:
+        yield from _deliver(sample, spec, report)
+
+
+def _deliver(sample: dict[str, Any], spec: ShardSpec, report: ShardReport) -> Iterator[dict[str, Any]]:
+    key, ids = sample["__key__"], spec.ids
+    if ids is not None and not (re.fullmatch(r"[0-9]+", key) and int(key) in ids and key == KEY_FORMAT % int(key)):
+        report.ignored.append(f"{key!r} is not a sample id of this shard ({ids.start}..{ids.stop - 1})")
+        return
+    if key in report.delivered:
+        report.ignored.append(f"{key} repeated (first copy kept)")
+        return
+    missing = [m for m in REQUIRED_MEMBERS if m not in sample]
+    try:
+        if missing:
+            raise ValueError(f"no {' or '.join(missing)} member")
+        sample["__label__"] = parse_label(sample["cls"], spec.num_classes)
+    except ValueError as exn:
+        report.bad.setdefault(key, str(exn))  # a later complete copy of the key may still be delivered
+        return
+    report.bad.pop(key, None)
+    report.delivered.add(key)
+    yield sample

@@ -32,27 +32,34 @@ class ImageSet:
 
 
 def _iterate_raw(folder: str, manifest: dict):
-    """Yield raw webdataset samples (dict of bytes) in shard order, in this process only."""
-    import webdataset as wds
+    """Samples of every shard in manifest order, through the loader's strict reader (`ShardRead`: remote
+    shards re-read on a dropped connection); a damaged set is an error, since a metric over a silently
+    different set would mislead."""
+    from pipeline.data.loader import ShardRead
 
-    locations = [urls.join(folder, r["name"]) for r in manifest["shards"]]
-    missing = [os.path.basename(p) for p in locations if not urls.is_remote(p) and not os.path.isfile(p)]
+    specs = shards.shard_specs(folder, manifest, join=urls.join)
+    missing = [os.path.basename(s.path) for s in specs if not urls.is_remote(s.path) and not os.path.isfile(s.path)]
     if missing:
         raise EvaluationError(f"shards listed in {folder}/manifest.json are missing: {missing[:3]}")
-    # nodesplitter=identity: evaluation reads the whole set even when RANK/WORLD_SIZE are set. Remote shards
-    # open through webdataset's gopen (http(s) with the bounded curl of pipeline.data.urls).
-    return iter(wds.WebDataset(locations, shardshuffle=False, nodesplitter=lambda names: names, empty_check=False))
+    for spec in specs:
+        read = ShardRead(spec)
+        yield from read
+        report = read.report
+        if report.lost or report.damage or report.ignored:
+            raise EvaluationError(f"{spec.path} is damaged ({report.summary()}); evaluation needs an intact "
+                                  "set: re-create it (prepare / generate)")
 
 
 def _decode(sample: dict) -> tuple[np.ndarray, int, int]:
     from PIL import Image
 
-    if "png" not in sample:
-        raise EvaluationError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no png")
-    image = np.asarray(Image.open(io.BytesIO(sample["png"])))
+    try:
+        image = np.asarray(Image.open(io.BytesIO(sample["png"])))
+    except Exception as exn:  # Pillow raises OSError, SyntaxError, ValueError... on damaged PNG data
+        raise EvaluationError(f"sample {sample['__key__']} in {sample['__url__']}: undecodable png "
+                              f"({type(exn).__name__}: {exn})") from None
     image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
-    label = int(sample["cls"].decode()) if "cls" in sample else -1
-    return image, label, int(sample["__key__"])
+    return image, sample["__label__"], int(sample["__key__"])
 
 
 def read_image_set(folder: Path | str, num: int | None = None, seed: int = 0) -> ImageSet:
@@ -66,7 +73,7 @@ def read_image_set(folder: Path | str, num: int | None = None, seed: int = 0) ->
                     else shards.read_manifest(folder))
     except (shards.ManifestError, urls.RemoteReadError) as error:
         raise EvaluationError(str(error)) from None
-    total = sum(int(s["num_samples"]) for s in manifest["shards"])
+    total = manifest["num_samples"]
     if num is not None and num < 1:
         raise EvaluationError(f"the number of samples to read must be positive, got {num}")
     num = None if num is None or num >= total else num

@@ -144,6 +144,14 @@ def test_folder_errors_name_the_file(tmp_path, digits_uint8):
     Image.fromarray(np.zeros((9, 8), np.uint8)).save(src / "b" / "odd.png")
     with pytest.raises(PrepareError, match="odd.png: size 8x9 differs"):
         prepare("folder", tmp_path / "out", path=str(src), progress=False)
+    (src / "b" / "odd.png").unlink()
+    png = (src / "a" / "img0000.png").read_bytes()
+    for damage, data in {"cut": png[:len(png) // 2], "not an image": b"hello", "empty": b""}.items():
+        (src / "b" / "bad.png").write_bytes(data)
+        with pytest.raises(PrepareError, match=r"bad.png: not a readable image \(.*\); remove or replace it"):
+            prepare("folder", tmp_path / "out", path=str(src), progress=False)
+        assert not (tmp_path / "out").exists(), damage  # nothing written
+    assert main(["prepare", "--source", "folder", "--path", str(src), "--out", str(tmp_path / "out")]) == 2
 
 
 @pytest.mark.parametrize("layout", ["NHW", "NHWC", "NCHW", "npy"])

@@ -184,7 +184,7 @@ def sample_set_with_bad_samples(folder, images):
     records = [shards.write_shard(folder / "shard-000000.tar", samples[:50]),
                shards.write_shard(folder / "shard-000001.tar", samples[50:])]
     shards.write_manifest(folder, shards.make_manifest(source="test", image_size=(8, 8), channels=1,
-                                                       class_names=[], shards=records))
+                                                       class_names=list("0123456789"), shards=records))
     return folder
 
 
@@ -220,22 +220,26 @@ def truncated_dir(digits_dir, tmp_path, request):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_truncated_shard_counts_its_lost_samples(truncated_dir, caplog, num_workers):
-    loader = digits_loader(truncated_dir, max_bad_fraction=0.2, num_workers=num_workers)
+def test_truncated_shard_counts_exactly_what_it_lost(truncated_dir, caplog, num_workers):
+    loader = digits_loader(truncated_dir, max_bad_fraction=0.2, num_workers=num_workers, verify="off")
     with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
         keys = epoch_keys(loader)
-    shard_keys = {f"{i:09d}" for i in range(800, 1000)}  # shard 4 held samples 800..999
-    survivors = set(keys) & shard_keys
-    assert len(set(keys)) == len(keys) and set(ALL_DIGIT_KEYS) - set(keys) <= shard_keys
-    # 80 whole samples lie before the cut; the last may be dropped (no later member proves it complete)
-    assert 79 <= len(survivors) <= 80 and max(survivors) <= "000000879"
-    assert loader.stats == {"epoch": 0, "good": 1797 - 200 + len(survivors), "bad": 200 - len(survivors)}
-    assert "shard-000004.tar" in caplog.text and f"{200 - len(survivors)} lost" in caplog.text
+    # shard 4 held samples 800..999; the 80 whole samples before the cut survive, not one fewer
+    assert sorted(keys) == sorted(set(ALL_DIGIT_KEYS) - {f"{i:09d}" for i in range(880, 1000)})
+    assert loader.stats == {"epoch": 0, "good": 1797 - 120, "bad": 120}
+    assert "shard-000004.tar (120 lost)" in caplog.text and "000000880" in caplog.text
 
 
 def test_truncated_shard_over_threshold_fails(truncated_dir):
     with pytest.raises(TooManyBadSamples, match="max_bad_fraction 0.01"):
-        epoch_keys(digits_loader(truncated_dir))
+        epoch_keys(digits_loader(truncated_dir, verify="off"))
+
+
+def test_truncated_shard_is_refused_at_start_by_default(truncated_dir):
+    size = (truncated_dir / "shard-000004.tar").stat().st_size
+    with pytest.raises(LoaderError, match=rf"verify=size\): shard-000004.tar: {size} bytes, manifest says \d+\. "
+                                          r".*data.verify=off"):
+        digits_loader(truncated_dir)
 
 
 def test_patterns_that_match_nothing_fail_at_start(tmp_path, digits_dir):
