@@ -35,12 +35,12 @@ def logged_steps(run) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def wait_until(condition, timeout_s: float, what: str) -> None:
+def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.2) -> None:
     deadline = time.time() + timeout_s
     while not condition():
         if time.time() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(poll_s)
 
 
 def final_weights(run) -> tuple[str, dict]:
@@ -185,8 +185,9 @@ def test_a_node_that_dies_while_checkpointing_ends_the_job_and_a_rerun_resumes(t
     wait_until(lambda: (checkpoints / "step-0000010" / "COMPLETE").exists(), 300, "the step-10 checkpoint")
     victims = node_task_pids("node2", job_id)
     assert len(victims) == 2, victims  # the submitit task and its `pipeline train` child
-    # Crash node2 the moment the step-20 checkpoint starts to be written (its folder appears).
-    wait_until(lambda: (checkpoints / "step-0000020").exists(), 300, "the step-20 checkpoint to start")
+    # Crash node2 the moment the step-20 checkpoint starts to be written (rank 0 creates its folder; it cannot
+    # be marked COMPLETE before node2's rank has written its part and joined two barriers).
+    wait_until(lambda: (checkpoints / "step-0000020").exists(), 300, "the step-20 checkpoint to start", 0.01)
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     killed_at = time.time()
@@ -194,6 +195,8 @@ def test_a_node_that_dies_while_checkpointing_ends_the_job_and_a_rerun_resumes(t
     wait_until(job.done, 180, f"job {job_id} to end after node2 died")
     print(f"job ended {time.time() - killed_at:.1f} s after node2's tasks were killed")
     assert accounting(job_id, "State", allocations_only=True)[job_id] == ["FAILED"]
+    rank0_err = (run / ".submitit" / f"{job_id}_0_log.err").read_text()
+    assert "in save_checkpoint" in rank0_err and "Connection reset by peer" in rank0_err, rank0_err[-3000:]
     assert not (checkpoints / "step-0000020" / "COMPLETE").exists()  # the interrupted checkpoint does not count
     assert [c.name for c in complete_checkpoints(run)] == ["step-0000010"]
 

@@ -103,6 +103,10 @@ ensure_network() {
         ip netns exec "$ns" ip link set lo up
         ip netns exec "$ns" ip link set eth0 up
     done
+    for ns in $(ip netns list | awk '$1 ~ /^slurm-node[0-9]+$/ {print $1}'); do  # nodes of a bigger earlier run
+        ((${ns#slurm-node} > NODES)) && ip netns del "$ns"
+    done
+    return 0
 }
 
 start_munge() {
