@@ -32,16 +32,21 @@ class ImageSet:
 
 
 def _iterate_raw(folder: str, manifest: dict):
-    """Yield raw webdataset samples (dict of bytes) in shard order, in this process only."""
-    import webdataset as wds
+    """Yield raw samples (dict of bytes) in shard order, in this process only, read like the loader reads them:
+    webdataset's gopen, the strict tar reader, remote shards re-read (skipping what was delivered) on failure."""
+    from webdataset.tariterators import group_by_keys
+
+    from pipeline.data.loader import files_of
 
     locations = [urls.join(folder, r["name"]) for r in manifest["shards"]]
     missing = [os.path.basename(p) for p in locations if not urls.is_remote(p) and not os.path.isfile(p)]
     if missing:
         raise EvaluationError(f"shards listed in {folder}/manifest.json are missing: {missing[:3]}")
-    # nodesplitter=identity: evaluation reads the whole set even when RANK/WORLD_SIZE are set. Remote shards
-    # open through webdataset's gopen (http(s) with the bounded curl of pipeline.data.urls).
-    return iter(wds.WebDataset(locations, shardshuffle=False, nodesplitter=lambda names: names, empty_check=False))
+    for location in locations:
+        try:
+            yield from urls.read_retrying(location, lambda stream: group_by_keys(files_of(stream, location)))
+        except (OSError, EOFError, ValueError) as exn:
+            raise EvaluationError(f"cannot read shard {location}: {exn}") from None
 
 
 def _decode(sample: dict) -> tuple[np.ndarray, int, int]:
