@@ -15,8 +15,8 @@ import dataclasses
 
 from pipeline.data import destination
 from pipeline.generation import settings as settings_module
-from pipeline.generation.plan import (DoneRecords, assigned_shards, check_split, claim_folder, make_spec,
-                                      num_shards, rank_from_env, rebuild_manifest)
+from pipeline.generation.plan import (SPEC_NAME, DoneRecords, assigned_shards, check_split, claim_folder,
+                                      make_manifest, make_spec, num_shards, rank_from_env, rebuild_manifest)
 from pipeline.generation.settings import GenerateSettings
 
 
@@ -35,7 +35,8 @@ def generate(settings: GenerateSettings) -> Summary:
     from pipeline.generation.sampling import default_device, fast_inference, load_model, resolve_precision
     from pipeline.generation.writing import write_shards
 
-    out = destination.local_folder(settings.out)  # a URL is refused here, not made into an oddly named folder
+    target = destination.remote(settings.out, "--out")  # a form it cannot write is refused here, in one line
+    out = destination.state_folder(settings.out, settings.state) if target else destination.local_folder(settings.out)
     rank, world_size = rank_from_env()
     total = num_shards(settings.num_samples, settings.shard_size)
     check_split(total, settings.task_index, settings.num_tasks, rank, world_size)
@@ -55,8 +56,16 @@ def generate(settings: GenerateSettings) -> Summary:
     done.refresh()
     mine = assigned_shards(total, settings.task_index, settings.num_tasks, rank, world_size)
     todo = [s for s in mine if not done.is_done(s, settings.verify)]
-    write_shards(inference, sampling, spec, out, done, todo, settings.batch_size, settings.progress)
+    publisher = destination.Publisher(target, out) if target else None
+    if publisher:
+        publisher.file(SPEC_NAME)
+    write_shards(inference, sampling, spec, out, done, todo, settings.batch_size, settings.progress,
+                 publish=publisher.shard if publisher else None)
     manifest = rebuild_manifest(out, spec, done)
+    if publisher:  # shards finished by an earlier run, then the destination's manifest (uploaded shards only)
+        for shard in mine:
+            publisher.shard(done.records[shard])
+        manifest = publisher.manifest(lambda records: make_manifest(spec, records))
     return Summary(assigned=len(mine), written=len(todo), skipped=len(mine) - len(todo), manifest=manifest)
 
 

@@ -9,8 +9,9 @@
   cannot be read back, so a rerun uploads again (the same bytes).
 Anything else (`s3://...`, a `pipe:` command without `{name}`) is refused with one line.
 
-Atomic for readers: a remote set is built in a local staging folder first (the same code as a local one),
-then each shard is uploaded whole, and `manifest.json`, the file that says the set is complete, goes last. An
+Atomic for readers: a remote set is built locally first (the same code as a local one: `prepare` in a
+temporary staging folder, `generate` in its state folder, see `Publisher`), then each shard is uploaded whole,
+and `manifest.json`, the file that says which shards are there, goes last. An
 HTTP PUT replaces the object only once the whole body has arrived (nginx writes a temporary file and renames
 it; object stores do the same), so a reader sees the old object or the new one, never half of one.
 """
@@ -152,3 +153,61 @@ def local_folder(out: str | Path, flag: str = "--out") -> Path:
     if remote(out, flag) is not None:
         raise DestinationError(f"{flag} {str(out)!r}: this command writes to a local folder only")
     return Path(urls.local_path(out))
+
+
+# ---------------------------------------------------------------- generation to a remote destination
+UPLOADED_DIR = "uploaded"  # in the local state folder: one record per shard known to be at the destination
+
+
+def state_folder(out: str, state: str | None) -> Path:
+    """The local folder that holds a remote generation's state (spec, done records, shards, upload records);
+    tasks that share the work must share it. Default: `generate-state/<name derived from the URL>`."""
+    if state:
+        return Path(state)
+    import hashlib
+
+    return Path("generate-state") / hashlib.sha256(out.encode()).hexdigest()[:16]
+
+
+class Publisher:
+    """Mirrors a local generation folder (`state`) to a remote destination: each finished shard is uploaded
+    and an upload record written after it; the destination's manifest lists only uploaded shards and goes last.
+
+    A shard counts as uploaded when its upload record matches its done record and, where the destination can
+    be read back (HTTP), the file there has the recorded size; else it is uploaded (again)."""
+
+    def __init__(self, target: Destination, state: Path):
+        self.target, self.state = target, state
+        (state / UPLOADED_DIR).mkdir(parents=True, exist_ok=True)
+
+    def record_path(self, name: str) -> Path:
+        return self.state / UPLOADED_DIR / (Path(name).stem + ".json")
+
+    def uploaded(self, name: str, record: dict[str, Any]) -> bool:
+        path = self.record_path(name)
+        if not path.is_file() or json.loads(path.read_text()) != record:
+            return False
+        return not self.target.readable or self.target.size(name) == record["bytes"]
+
+    def shard(self, record: dict[str, Any]) -> None:
+        """Upload a finished shard (its done record given) unless it is already at the destination."""
+        from pipeline.io import atomic_write_bytes
+
+        if not self.uploaded(record["name"], record):
+            self.target.put(record["name"], self.state / record["name"])
+            atomic_write_bytes(self.record_path(record["name"]), json.dumps(record, sort_keys=True).encode())
+
+    def file(self, name: str) -> None:
+        self.target.put(name, self.state / name)
+
+    def manifest(self, make) -> dict[str, Any]:
+        """Upload `make(uploaded records)` as the manifest; again while other tasks added records meanwhile."""
+        while True:
+            listed = sorted(p.name for p in (self.state / UPLOADED_DIR).glob("*.json"))
+            manifest = make([json.loads((self.state / UPLOADED_DIR / n).read_text()) for n in listed])
+            with tempfile.TemporaryDirectory(prefix="pipeline-upload-") as stage:
+                path = Path(stage) / MANIFEST_NAME
+                path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+                self.target.put(MANIFEST_NAME, path)
+            if sorted(p.name for p in (self.state / UPLOADED_DIR).glob("*.json")) == listed:
+                return manifest

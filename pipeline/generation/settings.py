@@ -123,7 +123,10 @@ class SampleSettings(SamplerSettings):
 class GenerateSettings(SamplerSettings):
     """`python -m pipeline generate`: a data set as shards, split over tasks and ranks."""
     num_samples: int = flag("size of the whole data set (all tasks)")
-    out: str = flag("output folder: shard-%%06d.tar, manifest.json, generation.json")
+    out: str = flag("output folder: shard-%%06d.tar, manifest.json, generation.json; or a remote one: "
+                    "http(s)://HOST/DIR (HTTP PUT) or 'pipe:COMMAND {name}' (an upload command)")
+    state: Optional[str] = flag("local state folder for a remote --out (spec, done records, shards, upload "
+                                "records; shared by all tasks); default generate-state/<hash of --out>", None)
     shard_size: int = flag(f"samples per shard (default {DEFAULT_SHARD_SIZE}); shard s holds ids [s*K, (s+1)*K)",
                            DEFAULT_SHARD_SIZE)
     task_index: int = flag("this task's index k: it writes shards k, k+n, ...", 0)

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pipeline.data import shards
 from pipeline.generation.plan import DoneRecords, done_path, rebuild_manifest, shard_ids
@@ -21,8 +21,9 @@ MANIFEST_INTERVAL_S = 30.0  # rebuild the manifest at most this often while runn
 
 
 def write_shards(inference, sampling: Sampling, spec: dict, out: Path, done: DoneRecords, todo: list[int],
-                 batch_size: int, progress: bool) -> None:
-    """Write the shards `todo` of the set `spec` into `out`, each followed by its done record."""
+                 batch_size: int, progress: bool, publish: Callable[[dict], None] | None = None) -> None:
+    """Write the shards `todo` of the set `spec` into `out`, each followed by its done record (then handed to
+    `publish`, which uploads it when --out is remote)."""
     from tqdm import tqdm
 
     count = sum(len(shard_ids(s, spec["num_samples"], spec["shard_size"])) for s in todo)
@@ -36,6 +37,8 @@ def write_shards(inference, sampling: Sampling, spec: dict, out: Path, done: Don
                                         _counted(shard_samples(inference, sampling, ids, batch_size), bar))
             record.update(first_id=ids.start, status="done")
             shards.atomic_write_bytes(done_path(out, shard), json.dumps(record, sort_keys=True).encode())
+            if publish:
+                publish(record)
             if time.monotonic() - last_manifest > MANIFEST_INTERVAL_S:
                 rebuild_manifest(out, spec, done)
                 last_manifest = time.monotonic()

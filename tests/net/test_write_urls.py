@@ -62,7 +62,7 @@ def test_prepare_into_an_upload_command_writes_the_manifest_last(tmp_path, digit
     ["prepare", "--source", "digits", "--out", "s3://bucket/set"],
     ["prepare", "--source", "digits", "--out", "pipe:cat > here.tar"],
     ["generate", "--checkpoint", "no-such-run", "--num-samples", "4", "--out", "pipe:cat > here.tar"],
-    ["generate", "--checkpoint", "no-such-run", "--num-samples", "4", "--out", "http://127.0.0.1:9/set"],
+    ["generate", "--checkpoint", "no-such-run", "--num-samples", "4", "--out", "gs://bucket/set"],
 ])
 def test_out_forms_that_cannot_be_written_are_refused_in_one_line(argv, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
