@@ -2,8 +2,10 @@
 
 Layout inside a run folder:
   checkpoints/step-0000500/            DeepSpeed model/optimizer/scheduler state (every rank's part),
-                trainer_state-rank00000.pt   per-rank state: EMA shadow, loader position, RNG states,
-                COMPLETE                     written last, by rank 0, after every rank finished writing.
+                trainer_state-rank00000.pt   per-rank RunState (versioned): EMA shadow, loader position, RNGs,
+                COMPLETE                     written last, by rank 0, after every rank finished writing and
+                                             every file was fsynced: format, step, world size, config, the
+                                             size of every file (resume checks them, and each .pt's CRCs).
   export/ema-step-0000500.safetensors  EMA weights + resolved config + model hash in the metadata,
          latest.safetensors            a copy of the newest export.
 A checkpoint without COMPLETE (a run killed while writing) is never resumed from.
@@ -17,17 +19,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from pipeline.config import Config, build, to_dict
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_bytes, atomic_write_text
+from pipeline.io import atomic_write_bytes, atomic_write_text, fsync_dir
 
 COMPLETE = "COMPLETE"
+CHECKPOINT_FORMAT = "pipeline-checkpoint/2"  # in COMPLETE; checkpoints before it have no format key
 
 
 class CheckpointError(PipelineError, ValueError):
@@ -70,8 +77,8 @@ def rank_state_path(ckpt: Path, rank: int) -> Path:
     return ckpt / f"trainer_state-rank{rank:05d}.pt"
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, keep_last: int) -> Path:
-    """Collective: every rank writes its part into a new folder; rank 0 marks it complete, then prunes."""
+def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, keep_last: int, config: dict) -> Path:
+    """Collective: every rank writes its part into a new folder; rank 0 seals it (COMPLETE), then prunes."""
     import torch.distributed as dist
 
     root = Path(run_dir) / "checkpoints"
@@ -82,10 +89,22 @@ def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, keep_las
     atomic_write_bytes(rank_state_path(folder, dist.get_rank()), _torch_bytes(rank_state))
     dist.barrier()
     if dist.get_rank() == 0:
-        atomic_write_text(folder / COMPLETE, json.dumps({"step": step, "world_size": dist.get_world_size()}))
+        seal(folder, {"format": CHECKPOINT_FORMAT, "step": step, "world_size": dist.get_world_size(),
+                      "config": config})
         prune_checkpoints(root, keep_last)
     dist.barrier()
     return folder
+
+
+def seal(folder: Path, meta: dict) -> None:
+    """Make every file durable, then write COMPLETE listing them with their sizes (what `problem_with` checks)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[str(path.relative_to(folder))] = path.stat().st_size
+    fsync_dir(folder)
+    atomic_write_text(folder / COMPLETE, json.dumps({**meta, "files": files}))
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
@@ -101,18 +120,163 @@ def remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def remove_incomplete_checkpoints(run_dir: Path) -> None:
+    """Folders of saves that were killed (no COMPLETE): never resumed from, so only taking space."""
+    for folder in (Path(run_dir) / "checkpoints").glob("step-*"):
+        if folder.is_dir() and not (folder / COMPLETE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- resume
+
+def checkpoint_meta(ckpt: Path) -> dict:
+    """COMPLETE's content; a CheckpointError when `ckpt` is not a complete checkpoint of this pipeline."""
+    marker = Path(ckpt) / COMPLETE
+    if not Path(ckpt).is_dir():
+        raise CheckpointError(f"checkpoint {ckpt}: " + ("is a file, not a checkpoint folder" if Path(ckpt).exists()
+                                                        else "does not exist"))
+    if not marker.is_file():
+        raise CheckpointError(f"checkpoint {ckpt}: no {COMPLETE} marker (not a checkpoint of this pipeline, or "
+                              "its save was interrupted)")
+    try:
+        meta = json.loads(marker.read_text())
+        int(meta["step"]), int(meta["world_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: {COMPLETE} is not this pipeline's marker ({exc})") from exc
+    return meta
+
+
+def problem_with(ckpt: Path) -> str | None:
+    """Why `ckpt`, though marked COMPLETE, cannot be resumed from (a file lost, truncated or corrupted after
+    the save, e.g. by a full disk or a crash of the file system), or None when every file reads back whole."""
+    try:
+        listed = checkpoint_meta(ckpt).get("files")  # None in checkpoints written before the list existed
+    except CheckpointError as exc:
+        return str(exc)
+    for name, size in (listed or {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    for path in ckpt.rglob("*.pt"):
+        try:  # torch.save writes a zip: its directory and every member's CRC check the whole file
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"{path.name} is unreadable ({exc})"
+        if bad is not None:
+            return f"{path.name} is corrupted (member {bad} fails its checksum)"
+    return None
+
+
+def choose_resume_point(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: `resume` is "auto", "never" or a checkpoint folder. Reads only.
+
+    With auto, the newest complete checkpoint that reads back whole; a damaged one is reported (one line) and
+    the previous one tried. A CheckpointError when none is usable, or a given folder is missing or not ours.
+    """
+    if resume not in ("auto", "never"):
+        path = Path(resume)
+        checkpoint_meta(path)
+        problem = problem_with(path)
+        if problem:
+            raise CheckpointError(f"--resume {resume}: {problem}")
+        return path
+    found = complete_checkpoints(run_dir)
+    if found and resume == "never":
+        raise CheckpointError(f"--resume never: {run_dir} already holds checkpoints; use --resume auto or a new --out")
+    for ckpt in reversed(found):
+        problem = problem_with(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"skipping damaged checkpoint {ckpt}: {problem}", flush=True)
+    if found:
+        raise CheckpointError(f"{run_dir}: all {len(found)} complete checkpoints are damaged (see above); "
+                              "resume from another with --resume PATH, or start over with a new --out")
+    return None
+
+
+def saved_config(ckpt: Path) -> dict:
+    """The resolved config a checkpoint was trained with (its run folder's config.yaml for older ones)."""
+    import yaml
+
+    meta = checkpoint_meta(ckpt)
+    if "config" in meta:
+        return meta["config"]
+    config_file = ckpt.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(f"checkpoint {ckpt}: no config recorded (and no {config_file})")
+    return yaml.safe_load(config_file.read_text())
+
+
 def load_checkpoint(engine, ckpt: Path, rank: int, world_size: int) -> dict:
-    """Restore DeepSpeed state from `ckpt` and return this rank's trainer state."""
-    info = json.loads((ckpt / COMPLETE).read_text())
+    """Restore DeepSpeed state from `ckpt` and return this rank's run state (see RunState)."""
+    info = checkpoint_meta(ckpt)
     if info["world_size"] != world_size:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {ckpt} was written by {info['world_size']} ranks, this run has {world_size}: "
             "resume with the same number of ranks (or start a new run folder)")
-    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    try:
+        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:  # DeepSpeed's own errors on a foreign folder
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt}: {exc}") from exc
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
-    return torch.load(rank_state_path(ckpt, rank), map_location="cpu", weights_only=False)
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt}")
+    try:
+        return torch.load(rank_state_path(ckpt, rank), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: cannot read {rank_state_path(ckpt, rank).name}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- the run state each rank saves
+
+class RunState:
+    """What a checkpoint saves per rank besides DeepSpeed's own files, as one registry of named parts, each a
+    (save, restore) pair: saving and restoring cannot drift apart, and the saved dict carries a version.
+
+    A file of an older version is migrated step by step (MIGRATIONS); one that cannot be is an error that says
+    which version wrote it. Everything saved is plain data and tensors, so it loads with weights_only=True.
+    """
+
+    def __init__(self, **parts: tuple[Callable[[], Any], Callable[[Any], None]]):
+        self.parts = parts
+
+    def state_dict(self) -> dict:
+        return {"version": RUN_STATE_VERSION, **{name: save() for name, (save, _) in self.parts.items()}}
+
+    def load_state_dict(self, state: dict, source: Path) -> None:
+        state = migrate(state, source)
+        missing = sorted(self.parts.keys() - state.keys())
+        if missing:
+            raise CheckpointError(f"{source}: run state v{RUN_STATE_VERSION} lacks {', '.join(missing)}")
+        for name, (_, restore) in self.parts.items():
+            restore(state[name])
+
+
+RUN_STATE_VERSION = 2
+
+
+def _v1_to_v2(state: dict) -> dict:
+    """v1 (no version key) also held the resolved config, which moved into the COMPLETE marker."""
+    return {k: v for k, v in state.items() if k != "config"}
+
+
+MIGRATIONS = {1: _v1_to_v2}  # version k -> k + 1
+
+
+def migrate(state: dict, source: Path) -> dict:
+    version = state.get("version", 1)
+    if not isinstance(version, int) or version > RUN_STATE_VERSION:
+        raise CheckpointError(f"{source}: run state version {version!r} was written by a newer version of the "
+                              f"pipeline (this one reads up to v{RUN_STATE_VERSION}); update the code to resume")
+    while version < RUN_STATE_VERSION:
+        if version not in MIGRATIONS:
+            raise CheckpointError(f"{source}: run state v{version} was written by an older version of the "
+                                  "pipeline that this one cannot migrate; start a new run folder")
+        state, version = MIGRATIONS[version](state), version + 1
+    return state
 
 
 def _torch_bytes(obj) -> bytes:

@@ -21,6 +21,11 @@ class ConfigError(PipelineError, ValueError):
     """A config file or override that does not match the schema."""
 
 
+# Field metadata: a key that may differ from the saved run's when a run resumes (it changes how long, how often
+# or how observably the run goes, not what it computes). Every other key must match: resuming would mix runs.
+MAY_CHANGE_ON_RESUME = {"resume": "may change"}
+
+
 @dataclass
 class DataConfig:
     shards: str = "data/digits"  # shard folder (with manifest.json), a brace pattern of .tar files, or a URL
@@ -30,12 +35,13 @@ class DataConfig:
     fit: Literal["resize", "pad"] = "resize"  # how images of another size reach `resolution`
     hflip: bool = False
     shuffle_buffer: int = 1000
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=MAY_CHANGE_ON_RESUME)
     resampled: bool = False  # infinite stream with replacement (multi-node), instead of exact epochs
     max_bad_fraction: float = 0.01  # fail when more than this fraction of samples cannot be decoded
     read_retries: int = 3  # re-reads of a remote shard whose connection or command fails part-way
     read_timeout_s: float = 30.0  # a remote read that receives nothing for this long counts as failed
-    verify: Literal["off", "size", "sha256"] = "size"  # check the shards against their manifest at the start
+    # check the shards against their manifest at the start
+    verify: Literal["off", "size", "sha256"] = field(default="size", metadata=MAY_CHANGE_ON_RESUME)
 
 
 @dataclass
@@ -74,7 +80,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = field(default=2000, metadata=MAY_CHANGE_ON_RESUME)
     micro_batch: int = 64  # per rank
     grad_accum: int = 1
     lr: float = 2e-3
@@ -88,19 +94,22 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup_steps: int = 100  # EMA decay ramps as min(decay, (1 + n) / (10 + n)) over these steps
     seed: int = 0
-    log_every: int = 20
-    ckpt_every: int = 500
-    keep_last: int = 2
-    sample_every: int = 500  # 0 = only at the end
-    num_sample_images: int = 64
-    loss_backend: Literal["auto", "torch", "triton"] = "auto"  # fused Triton loss on CUDA when auto
-    max_nonfinite: int = 20  # consecutive non-finite steps before stopping with an error
-    fault_nonfinite_steps: list[int] = field(default_factory=list)  # testing aid: make these steps' loss NaN
+    log_every: int = field(default=20, metadata=MAY_CHANGE_ON_RESUME)
+    ckpt_every: int = field(default=500, metadata=MAY_CHANGE_ON_RESUME)
+    keep_last: int = field(default=2, metadata=MAY_CHANGE_ON_RESUME)
+    sample_every: int = field(default=500, metadata=MAY_CHANGE_ON_RESUME)  # 0 = only at the end
+    num_sample_images: int = field(default=64, metadata=MAY_CHANGE_ON_RESUME)
+    # fused Triton loss on CUDA when auto
+    loss_backend: Literal["auto", "torch", "triton"] = field(default="auto", metadata=MAY_CHANGE_ON_RESUME)
+    # consecutive non-finite steps before stopping with an error
+    max_nonfinite: int = field(default=20, metadata=MAY_CHANGE_ON_RESUME)
+    # testing aid: make these steps' loss NaN
+    fault_nonfinite_steps: list[int] = field(default_factory=list, metadata=MAY_CHANGE_ON_RESUME)
 
 
 @dataclass
 class Config:
-    name: str = "tiny"
+    name: str = field(default="tiny", metadata=MAY_CHANGE_ON_RESUME)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -197,6 +206,23 @@ def check_value(hint: Any, value: Any, key: str) -> Any:
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(f"config key {key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def resume_conflicts(saved: dict, config: Any, prefix: str = "") -> list[str]:
+    """`key: saved -> now` for every key that differs from the saved run's and may not change on resume.
+    A key the saved run does not have (added since) counts as its default."""
+    conflicts = []
+    for f in dataclasses.fields(config):
+        if f.metadata.get("resume") == "may change":
+            continue
+        now = getattr(config, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        before = saved.get(f.name, default) if isinstance(saved, dict) else saved
+        if dataclasses.is_dataclass(now):
+            conflicts += resume_conflicts(before if isinstance(before, dict) else {}, now, prefix=f"{prefix}{f.name}.")
+        elif before != now:
+            conflicts.append(f"{prefix}{f.name}: {before!r} -> {now!r}")
+    return conflicts
 
 
 def to_dict(config: Config) -> dict:

@@ -38,6 +38,14 @@ def atomic_open(path: str | os.PathLike, exclusive: bool = False) -> Iterator[Bi
     fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete the temporary files `atomic_open` left in `folder` when its writer was killed. Only for a folder
+    no writer is using at the time (e.g. a run folder as its run starts)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Make a rename itself durable (a crash right after must not lose the new name)."""
     fd = os.open(folder, os.O_RDONLY)

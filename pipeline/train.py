@@ -49,7 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.out or f"runs/{config.name}")
-    return Trainer(config, run_dir, resume=args.resume).fit()
+    try:
+        return Trainer(config, run_dir, resume=args.resume).fit()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # left to interpreter exit, its threads sometimes abort the process (SIGABRT)
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -174,9 +180,6 @@ class Trainer:
             raise ConfigError("train.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); "
                               "use fp32 or bf16 on CPU")
         resume_from = self.find_resume_point(resume)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir / "config.yaml")
         torch.manual_seed(t.seed)  # the same initial weights on every rank (ZeRO-3 partitions local copies)
         model = build_model(config)
         torch.manual_seed(t.seed * 1000 + self.rank + 1)  # dropout only; everything else is counter-based
@@ -195,40 +198,66 @@ class Trainer:
         self.stop_signal: int | None = None
         self.exported_step, self.last_export = -1, None
         self.saved_step = -1  # the step of the newest complete checkpoint this process wrote or resumed from
-        self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
         if resume_from is not None:
             self.restore(resume_from)
+        self.logger = self.open_run_folder()  # the first write to the run folder: a failed resume changes nothing
+        if resume_from is not None:
+            self.logger.info(f"resumed from {resume_from} at step {self.step}")
 
     # -- set-up helpers
     def find_resume_point(self, resume: str) -> Path | None:
-        from pipeline.checkpoint import complete_checkpoints
+        """Rank 0 chooses the checkpoint (reading only) and tells every rank, so that all ranks resume from the
+        same one, or all stop with rank 0's one-line error instead of waiting for it forever."""
+        import torch.distributed as dist
 
-        if resume == "auto" or resume == "never":
-            found = complete_checkpoints(self.run_dir)
-            if found and resume == "never":
-                raise ConfigError(f"{self.run_dir} already holds checkpoints; use --resume auto or a new --out")
-            if found:
-                self.check_same_config()
-            return found[-1] if found else None
-        path = Path(resume)
-        if not (path / "COMPLETE").is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
-        return path
+        from pipeline.checkpoint import choose_resume_point
+        from pipeline.errors import PipelineError
 
-    def check_same_config(self) -> None:
-        """Resuming with a different model/data/diffusion config would silently mix two runs: refuse it."""
-        import yaml
+        chosen, error = None, None
+        if self.rank == 0:
+            try:
+                chosen = choose_resume_point(self.run_dir, resume)
+                if chosen is not None:
+                    self.check_same_config(chosen)
+            except Exception as exc:  # re-raised below, after the other ranks have heard of it
+                error = exc
+        decision = [str(chosen) if chosen else None, None if error is None else (str(error), isinstance(
+            error, PipelineError))]
+        dist.broadcast_object_list(decision, src=0)
+        if error is not None:
+            raise error
+        if decision[1] is not None:
+            message, user_error = decision[1]
+            raise (ConfigError if user_error else RuntimeError)(f"rank 0: {message}")
+        return Path(decision[0]) if decision[0] else None
 
-        saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
-        now = to_dict(self.config)
-        changeable = {"steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_sample_images",
-                      "max_nonfinite", "loss_backend", "fault_nonfinite_steps"}
-        diffs = [f"{sec}.{k}: {saved[sec].get(k)!r} -> {v!r}" for sec in ("data", "model", "diffusion", "train")
-                 for k, v in now[sec].items() if saved.get(sec, {}).get(k) != v
-                 and not (sec == "train" and k in changeable) and not (sec == "data" and k in ("num_workers", "verify"))]
-        if diffs:
-            raise ConfigError(f"{self.run_dir} holds a run with a different config; resuming would mix them "
-                              f"({'; '.join(diffs)}). Use a new --out, or the original settings.")
+    def check_same_config(self, ckpt: Path) -> None:
+        """Resuming with a different model/data/diffusion config would silently mix two runs: refuse it (the
+        keys that may change are marked on the config fields, see pipeline.config.MAY_CHANGE_ON_RESUME)."""
+        from pipeline.checkpoint import saved_config
+        from pipeline.config import resume_conflicts
+
+        conflicts = resume_conflicts(saved_config(ckpt), self.config)
+        if conflicts:
+            raise ConfigError(f"{ckpt} holds a run with a different config; resuming would mix them "
+                              f"({'; '.join(conflicts)}). Use a new --out, or the original settings.")
+
+    def open_run_folder(self) -> RunLogger:
+        """Rank 0 clears what killed runs left behind, records config and environment, opens the logs."""
+        from pipeline.checkpoint import remove_incomplete_checkpoints
+        from pipeline.io import remove_stale_temporaries
+        from pipeline.provenance import describe_environment
+
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_incomplete_checkpoints(self.run_dir)
+            for folder in (self.run_dir, self.run_dir / "export", self.run_dir / "samples",
+                           *(self.run_dir / "checkpoints").glob("step-*")):
+                remove_stale_temporaries(folder)
+            save_config(self.config, self.run_dir / "config.yaml")
+            record_start(self.run_dir / "run_info.json", {
+                **describe_environment(self.device), "world_size": self.world, "start_step": self.step})
+        return RunLogger(self.run_dir, enabled=self.rank == 0, start_step=self.step)
 
     def build_loader(self):
         from pipeline.data.loader import StreamingLoader
@@ -393,11 +422,20 @@ class Trainer:
         self.logger.write(record)
         return record
 
-    def rank_state(self) -> dict:
-        return {"step": self.step, "config": to_dict(self.config), "ema": self.ema.state_dict(),
-                "loader": self.loader.state_dict(),
-                "torch_rng": torch.get_rng_state(), "nonfinite_total": self.nonfinite_total,
-                "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
+    def run_state(self):
+        """The registry of what each rank's checkpoint file holds (see pipeline.checkpoint.RunState)."""
+        from pipeline.checkpoint import RunState
+
+        def attribute(name: str):
+            return lambda: getattr(self, name), lambda value: setattr(self, name, value)
+
+        cuda = self.device.type == "cuda"
+        return RunState(step=attribute("step"), nonfinite_total=attribute("nonfinite_total"),
+                        ema=(self.ema.state_dict, self.ema.load_state_dict),
+                        loader=(self.loader.state_dict, self.loader.load_state_dict),
+                        torch_rng=(torch.get_rng_state, torch.set_rng_state),
+                        cuda_rng=(lambda: torch.cuda.get_rng_state() if cuda else None,
+                                  lambda s: torch.cuda.set_rng_state(s) if cuda and s is not None else None))
 
     def checkpoint(self) -> None:
         """Save (collective), unless this very state is already a complete checkpoint (resumed from it, or a
@@ -405,23 +443,18 @@ class Trainer:
         from pipeline.checkpoint import save_checkpoint
 
         if self.saved_step != self.step:
-            save_checkpoint(self.engine, self.run_dir, self.step, self.rank_state(), self.config.train.keep_last)
+            save_checkpoint(self.engine, self.run_dir, self.step, self.run_state().state_dict(),
+                            self.config.train.keep_last, to_dict(self.config))
             self.saved_step = self.step
         self.export()
 
     def restore(self, ckpt: Path) -> None:
+        """Load every rank's state from `ckpt`. Reads only: the run folder is untouched if this fails."""
         from pipeline.checkpoint import load_checkpoint
 
-        state = load_checkpoint(self.engine, ckpt, self.rank, self.world)
-        self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
-        self.saved_step = self.step
-        self.ema.load_state_dict(state["ema"])
-        self.loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
-        self.logger.truncate_after(self.step)  # the steps after the checkpoint will be logged again
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        self.logger.info(f"resumed from {ckpt} at step {self.step}")
+        self.run_state().load_state_dict(load_checkpoint(self.engine, ckpt, self.rank, self.world), ckpt)
+        if ckpt.resolve().parent.parent == self.run_dir.resolve():
+            self.saved_step = self.step  # this state is a complete checkpoint of this run already
 
     def export(self) -> Path | None:
         """Write the EMA weights as safetensors (collective under ZeRO-3; rank 0 writes), once per step."""
@@ -456,17 +489,28 @@ class Trainer:
         return grid
 
 
-class RunLogger:
-    """Rank 0's log sinks: `log.jsonl` (one JSON object per logged step) and TensorBoard under `tb/`."""
+def record_start(path: Path, entry: dict) -> None:
+    """Append one start of the run (environment, command, step) to the run's JSON record."""
+    starts = json.loads(path.read_text())["starts"] if path.is_file() else []
+    atomic_write_text(path, json.dumps({"starts": [*starts, entry]}, indent=1) + "\n")
 
-    def __init__(self, run_dir: Path, enabled: bool):
+
+class RunLogger:
+    """Rank 0's log sinks: `log.jsonl` (one JSON object per logged step) and TensorBoard under `tb/`.
+
+    Opened at `start_step` (0 for a new run, the checkpoint's step on resume): records of later steps, written by
+    a run that was killed before it could checkpoint them, are dropped, since those steps will be logged again.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.jsonl = self.tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            keep_records_until(run_dir / "log.jsonl", start_step)
             self.jsonl = open(run_dir / "log.jsonl", "a")
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -483,15 +527,6 @@ class RunLogger:
 
             self.tb.add_image("samples", make_grid(images), step, dataformats="HWC")
 
-    def truncate_after(self, step: int) -> None:
-        if not self.enabled:
-            return
-        path = Path(self.jsonl.name)
-        self.jsonl.close()
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self.jsonl = open(path, "a")
-
     def info(self, message: str) -> None:
         if self.enabled:
             print(message, flush=True)
@@ -500,3 +535,19 @@ class RunLogger:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def keep_records_until(path: Path, step: int) -> None:
+    """Drop the records after `step` from a JSON-lines log, and a line torn by a kill mid-write."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a partial last line
+    if kept != lines:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -11,9 +11,9 @@ from tests.train.conftest import REPO, read_log, run_training, train_command
 
 
 def snapshot(folder: Path) -> dict:
-    """Every file under `folder` with its inode, mtime and content hash: any rewrite changes it."""
+    """Every file and folder under `folder`, files with inode, mtime and content hash: any change shows."""
     return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            if p.is_file() else "folder" for p in sorted(folder.rglob("*"))}
 
 
 def start_training(run: Path, shards: Path, *overrides: str) -> subprocess.Popen:
