@@ -475,8 +475,10 @@ def _tar_number(field: bytes) -> int:
 
 
 def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if header[257:262] == b"ustar" else ""
+    def text(field: bytes) -> str:
+        return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+    name, prefix = text(header[:100]), text(header[345:500]) if header[257:262] == b"ustar" else ""
     return f"{prefix}/{name}" if prefix else name
 
 
