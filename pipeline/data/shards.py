@@ -373,14 +373,17 @@ class _HashingReader:
 
 
 def count_samples(path: str | os.PathLike) -> int:
-    """Number of distinct sample keys in a tar (raises on a truncated or corrupt tar)."""
+    """Number of distinct sample keys in a tar; -1 when the tar is damaged."""
     with open(path, "rb") as stream:
         return _count_keys(stream)
 
 
 def _count_keys(stream: BinaryIO) -> int:
     problems: list[str] = []
-    keys = {split_member_name(name)[0] for name, _ in tar_members(stream, problems)}
+    try:
+        keys = {split_member_name(name)[0] for name, _ in tar_members(stream, problems)}
+    except EOFError:
+        return -1
     return len(keys) if not problems else -1  # a damaged tar never matches a manifest count
 
 

@@ -232,3 +232,14 @@ def test_evaluation_reads_through_the_same_strict_reader(small_set):
     with pytest.raises(EvaluationError, match=r"shard-000001.tar is damaged \(1 sample\(s\) lost: 000000007 "
                                               r"\(no cls member\)"):
         read_image_set(small_set)
+
+
+def test_sha256_check_of_a_cut_shard_whose_manifest_size_was_edited_to_match(small_set):
+    path = small_set / "shard-000001.tar"
+    path.write_bytes(path.read_bytes()[:4096])  # cut inside the archive
+    manifest = json.loads((small_set / "manifest.json").read_text())
+    manifest["shards"][1]["bytes"] = 4096
+    (small_set / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoaderError, match=r"shard-000001.tar: sha256 [0-9a-f]{12}\.\.\. differs"):
+        loader_keys(small_set, verify="sha256")
+    assert loader_keys(small_set, verify="size") == (keys([*range(6), 6, *range(12, 18)]), 5)
