@@ -373,14 +373,17 @@ class _HashingReader:
 
 
 def count_samples(path: str | os.PathLike) -> int:
-    """Number of distinct sample keys in a tar (raises on a truncated or corrupt tar)."""
+    """Number of distinct sample keys in a tar; -1 when the tar is damaged."""
     with open(path, "rb") as stream:
         return _count_keys(stream)
 
 
 def _count_keys(stream: BinaryIO) -> int:
     problems: list[str] = []
-    keys = {split_member_name(name)[0] for name, _ in tar_members(stream, problems)}
+    try:
+        keys = {split_member_name(name)[0] for name, _ in tar_members(stream, problems)}
+    except EOFError:
+        return -1
     return len(keys) if not problems else -1  # a damaged tar never matches a manifest count
 
 
@@ -469,15 +472,24 @@ def _tar_number(field: bytes) -> int:
     if field[:1] in (b"\x80", b"\xff"):
         raise TarFormatError("base-256 tar numbers (members over 8 GiB) are not supported")
     digits = field.rstrip(b"\0 ").lstrip(b" ")
-    if not re.fullmatch(rb"[0-7]*", digits):
+    try:
+        if digits.isdigit():  # (int() alone would also take signs, underscores and inner spaces)
+            return int(digits, 8)
+    except ValueError:  # an 8 or a 9
+        pass
+    if digits:
         raise TarFormatError(f"bad octal number {field!r} in tar header: corrupt header")
-    return int(digits or b"0", 8)
+    return 0
 
 
 def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if header[257:262] == b"ustar" else ""
-    return f"{prefix}/{name}" if prefix else name
+    def text(field: bytes) -> str:
+        return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+    name = text(header[:100])
+    if header[345] and header[257:262] == b"ustar":
+        return f"{text(header[345:500])}/{name}"
+    return name
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -573,7 +585,7 @@ def read_shard(stream: BinaryIO, spec: ShardSpec, report: ShardReport) -> Iterat
 
 def _deliver(sample: dict[str, Any], spec: ShardSpec, report: ShardReport) -> Iterator[dict[str, Any]]:
     key, ids = sample["__key__"], spec.ids
-    if ids is not None and not (re.fullmatch(r"[0-9]+", key) and int(key) in ids and key == KEY_FORMAT % int(key)):
+    if ids is not None and not (key.isdigit() and key == KEY_FORMAT % int(key) and int(key) in ids):
         report.ignored.append(f"{key!r} is not a sample id of this shard ({ids.start}..{ids.stop - 1})")
         return
     if key in report.delivered:
