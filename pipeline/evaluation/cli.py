@@ -19,9 +19,10 @@ from pipeline.evaluation import FEATURE_NET_NAMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--real", type=Path, required=True,
-                        help="real shard set folder (reference for --fake; held-out data for --checkpoint)")
-    parser.add_argument("--fake", type=Path, default=None, help="generated shard set folder to score")
+    # str, not Path: a URL (http://HOST/DIR, 'pipe:COMMAND {name}') would lose its '//' in a Path
+    parser.add_argument("--real", required=True,
+                        help="real shard set folder or URL (reference for --fake; held-out data for --checkpoint)")
+    parser.add_argument("--fake", default=None, help="generated shard set folder or URL to score")
     parser.add_argument("--checkpoint", default=None,
                         help="export .safetensors, run folder or checkpoint folder: likelihood of --real under it")
     parser.add_argument("--num", type=int, default=10000,

@@ -52,3 +52,15 @@ def test_generate_into_an_upload_command(uncond_run, local_set, tmp_path):
     assert shard_bytes(sink) == shard_bytes(local_set)
     assert (sink / "manifest.json").read_bytes() == (local_set / "manifest.json").read_bytes()
     assert log.read_text().split() == ["generation.json", "shard-000000.tar", "shard-000001.tar", "manifest.json"]
+
+
+def test_tasks_sharing_a_state_folder_build_one_remote_manifest(uncond_run, local_set, nginx, tmp_path):
+    url, remote, state = f"{nginx.url}/tasks", nginx.www / "tasks", str(tmp_path / "state")
+    assert generate(uncond_run, url, 8, "--shard-size", "4", "--state", state, "--task-index", "1",
+                    "--num-tasks", "2") == 0
+    first = json.loads((remote / "manifest.json").read_text())
+    assert [r["name"] for r in first["shards"]] == ["shard-000001.tar"] and not first["complete"]
+    assert generate(uncond_run, url, 8, "--shard-size", "4", "--state", state, "--task-index", "0",
+                    "--num-tasks", "2") == 0
+    assert json.loads((remote / "manifest.json").read_text()) == json.loads((local_set / "manifest.json").read_text())
+    assert shard_bytes(remote) == shard_bytes(local_set)

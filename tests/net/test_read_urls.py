@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from pipeline.cli import main
 from pipeline.data.loader import StreamingLoader
 from pipeline.errors import PipelineError
 from pipeline.evaluation.shardset import read_image_set
@@ -123,3 +124,24 @@ def test_evaluate_reads_a_set_over_http(nginx, digits_shards):
     assert remote.manifest == local.manifest
     assert remote.ids.tolist() == local.ids.tolist()
     np.testing.assert_array_equal(remote.images.numpy(), local.images.numpy())
+
+
+def test_resume_over_http_gives_the_uninterrupted_batches(nginx, local_epoch):
+    loader = make_loader(f"{nginx.url}/digits", num_workers=2)
+    batches = iter(loader)
+    head = [k for _, b in zip(range(5), batches) for k in b.keys]
+    state = loader.state_dict()
+    del batches
+    resumed = make_loader(f"{nginx.url}/digits", num_workers=2)
+    resumed.load_state_dict(state)
+    rest = [k for b in resumed for k in b.keys]
+    assert head + rest == epoch(make_loader(f"{nginx.url}/digits", num_workers=2))[0]
+
+
+def test_evaluate_command_takes_urls(nginx, capsys):
+    argv = ["evaluate", "--real", f"{nginx.url}/digits", "--fake", f"{nginx.url}/digits", "--num", "300"]
+    assert main(argv) == 0
+    assert f'"real": "{nginx.url}/digits"' in capsys.readouterr().out
+    assert main(["evaluate", "--real", f"{nginx.url}/nothing", "--fake", f"{nginx.url}/digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{nginx.url}/nothing/manifest.json" in err and "404" in err
