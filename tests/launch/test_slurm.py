@@ -88,6 +88,9 @@ def test_two_node_job_equals_one_process_on_the_same_global_batch(two_node_run, 
     assert "'rank': 0, 'world_size': 2" in stdout and "'rank': 1, 'world_size': 2" in stdout
     assert logged_steps(run) == list(range(1, STEPS + 1))
     assert [c.name for c in complete_checkpoints(run)] == ["step-0000020", "step-0000040"]
+    # `--wait` returns once every task wrote its result; the batch script ends a moment later.
+    wait_until(lambda: accounting(job_id, "State", allocations_only=True)[job_id][0] != "RUNNING", 120,
+               f"sacct to show job {job_id} ended")
     rows = accounting(job_id, "State,NNodes,NodeList,NTasks")
     assert rows[job_id][:3] == ["COMPLETED", "2", "node[1-2]"], rows
     assert rows[f"{job_id}.0"] == ["COMPLETED", "2", "node[1-2]", "2"], rows  # the srun step: 1 task per node

@@ -295,7 +295,7 @@ main() {
     fi
     start_slurm_daemons
     smoke_test
-    log "ready: $(sinfo -h -o '%P %a %D %t %C')"
+    log "ready: $(sinfo -h -N -o '%N %t' | sort -u | paste -sd, -)"
 }
 
 main "$@"
