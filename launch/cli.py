@@ -1,4 +1,4 @@
-"""`python -m launch {train,generate} [options] -- <pipeline args>`: submit pipeline commands through submitit.
+"""`python -m launch {train,generate,encode} [options] -- <pipeline args>`: submit pipeline commands through submitit.
 
     python -m launch train --cluster slurm --nodes 2 --gpus-per-node 8 --time 240 -- \\
         --config configs/tiny.yaml --out runs/exp1
@@ -73,12 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train = sub.add_parser("train", help="submit one (multi-node, multi-task) training job")
     add_resource_arguments(train, multi_task=True)
-    generate = sub.add_parser("generate", help="submit generation, optionally as a job array")
-    add_resource_arguments(generate, multi_task=False)
-    generate.add_argument("--array", type=int, default=1, metavar="n",
-                          help="split generation over n array tasks (adds --task-index k --num-tasks n)")
-    generate.add_argument("--array-parallelism", type=int, default=None, metavar="p",
-                          help="at most p array tasks run at once (SLURM only)")
+    for name, what in (("generate", "generation"), ("encode", "encoding to latents")):  # the same shard split
+        array = sub.add_parser(name, help=f"submit {what}, optionally as a job array")
+        add_resource_arguments(array, multi_task=False)
+        array.add_argument("--array", type=int, default=1, metavar="n",
+                           help=f"split {what} over n array tasks (adds --task-index k --num-tasks n)")
+        array.add_argument("--array-parallelism", type=int, default=None, metavar="p",
+                           help="at most p array tasks run at once (SLURM only)")
     return parser
 
 
@@ -169,7 +170,7 @@ def check_world_divides_global_batch(out: Path, world_size: int) -> None:
 
 
 def build_tasks(args: argparse.Namespace, pipeline_args: list[str]) -> list[PipelineTask]:
-    """One PipelineTask per job: training is one job; generation is `--array n` jobs, task k of n each."""
+    """One PipelineTask per job: training is one job; generation and encoding `--array n` jobs, task k of n each."""
     if args.command == "train":
         env = {}
         if args.collective_timeout is not None:
@@ -180,13 +181,13 @@ def build_tasks(args: argparse.Namespace, pipeline_args: list[str]) -> list[Pipe
     if args.array < 1:
         raise LaunchError(f"--array must be >= 1, got {args.array}")
     if args.array == 1:
-        return [PipelineTask(pipeline_command("generate", pipeline_args))]
+        return [PipelineTask(pipeline_command(args.command, pipeline_args))]
     given = [f for f in TASK_SPLIT_FLAGS if option_value(pipeline_args, f) is not None]
     if given:
         raise LaunchError(f"with --array the launcher sets {' and '.join(TASK_SPLIT_FLAGS)}; "
                           f"remove {', '.join(given)} from the pipeline arguments")
-    return [PipelineTask(pipeline_command("generate", [*pipeline_args, "--task-index", str(k),
-                                                       "--num-tasks", str(args.array)]))
+    return [PipelineTask(pipeline_command(args.command, [*pipeline_args, "--task-index", str(k),
+                                                         "--num-tasks", str(args.array)]))
             for k in range(args.array)]
 
 

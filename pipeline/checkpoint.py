@@ -319,6 +319,7 @@ class Inference:
     step: int
     model_hash: str
     path: Path
+    vae: torch.nn.Module | None = None  # a latent model's decoder (pipeline/latent.py)
 
 
 def resolve_export(path: str | Path) -> Path:
@@ -359,4 +360,6 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     except RuntimeError as exc:
         raise CheckpointError(f"{file}: weights do not match the model its config describes: {exc}") from exc
     model.to(device).eval()
-    return Inference(model, config, int(meta["step"]), meta["model_hash"], file)
+    from pipeline.latent import load_decoder
+
+    return Inference(model, config, int(meta["step"]), meta["model_hash"], file, load_decoder(config, device))

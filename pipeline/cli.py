@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("pipeline.train", "train a DDPM or VAE through DeepSpeed from a YAML config"),
     "sample": ("pipeline.sample", "draw a quick sample grid PNG from a checkpoint or export"),
     "generate": ("pipeline.generate", "generate a synthetic data set into WebDataset shards (sharded, resumable)"),
+    "encode": ("pipeline.encode", "encode an image shard set into latent shards through a VAE (sharded, resumable)"),
     "evaluate": ("pipeline.evaluation.cli", "compare a fake shard set with a real one (offline metrics)"),
 }
 

@@ -64,6 +64,9 @@ class ModelConfig:
     latent_channels: int = 4  # VAE only
     likelihood: Literal["gaussian", "bernoulli", "discretized"] = "discretized"  # VAE only
     kl_weight: float = 1.0  # VAE beta
+    vae: Optional[str] = None  # latent DDPM: the VAE export (or run folder) that encoded data.shards and decodes
+    vae_hash: Optional[str] = None  # filled in by `train` from the latent set (pipeline/latent.py)
+    latent_scale: Optional[float] = None  # filled in likewise: latents = posterior mean * latent_scale
 
 
 @dataclass

@@ -33,7 +33,7 @@ def generate(settings: GenerateSettings) -> Summary:
     import torch
 
     from pipeline.generation.sampling import default_device, fast_inference, load_model, resolve_precision
-    from pipeline.generation.writing import write_shards
+    from pipeline.generation.writing import shard_samples, write_shards
 
     target = destination.remote(settings.out, "--out")  # a form it cannot write is refused here, in one line
     out = destination.state_folder(settings.out, settings.state) if target else destination.local_folder(settings.out)
@@ -59,8 +59,8 @@ def generate(settings: GenerateSettings) -> Summary:
     publisher = destination.Publisher(target, out) if target else None
     if publisher:
         publisher.file(SPEC_NAME)
-    write_shards(inference, sampling, spec, out, done, todo, settings.batch_size, settings.progress,
-                 publish=publisher.shard if publisher else None)
+    write_shards(lambda ids: shard_samples(inference, sampling, ids, settings.batch_size), spec, out, done, todo,
+                 settings.progress, publish=publisher.shard if publisher else None)
     manifest = rebuild_manifest(out, spec, done)
     if publisher:  # shards finished by an earlier run, then the destination's manifest (uploaded shards only)
         for shard in mine:

@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    from pipeline.latent import resolve_latent_config
+
+    config = resolve_latent_config(load_config(args.config, args.overrides))
     run_dir = Path(args.out or f"runs/{config.name}")
     try:
         return Trainer(config, run_dir, resume=args.resume).fit()

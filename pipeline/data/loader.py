@@ -60,7 +60,7 @@ class TooManyBadSamples(PipelineError, RuntimeError):
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # float32 (B, C, H, W) in [-1, 1]
+    images: torch.Tensor  # float32 (B, C, H, W): images in [-1, 1], or latents as stored
     labels: torch.Tensor  # int64 (B,), -1 for unlabeled samples
     keys: list[str]  # the samples' keys (global sample ids, `%09d`)
 
@@ -145,6 +145,8 @@ def decode_image(png: bytes, resolution: int | Sequence[int], channels: int, fit
     the image to cover the target (bicubic) and centre-crops; `fit="pad"` centre-pads with black
     (or centre-crops when larger) without resampling.
     """
+    if channels not in (1, 3):
+        raise ValueError(f"images have 1 or 3 channels, the config asks for {channels} (more are for latent sets)")
     img = Image.open(io.BytesIO(png))
     mode = "L" if channels == 1 else "RGB"
     if img.mode != mode:  # convert() copies even when the mode already matches: skip it then
@@ -154,6 +156,23 @@ def decode_image(png: bytes, resolution: int | Sequence[int], channels: int, fit
         img = resize_and_crop(img, h, w) if fit == "resize" else pad_or_crop(img, h, w)
     array = np.asarray(img, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def decode_latent(npy: bytes, resolution: int | Sequence[int], channels: int) -> np.ndarray:
+    """A latent sample's float32 (C, h, w) array; it must already have the configured shape."""
+    latent = np.load(io.BytesIO(npy), allow_pickle=False)
+    expected = (channels, *image_size(resolution))
+    if latent.shape != expected:
+        raise ValueError(f"latent of shape {latent.shape}, the config expects {expected} "
+                         "(data.channels, data.resolution, data.width)")
+    return latent.astype(np.float32, copy=False)
+
+
+def to_batch(samples: list[np.ndarray]) -> torch.Tensor:
+    """Stacked samples as float32: uint8 images mapped to [-1, 1], float latents as they are."""
+    stacked = np.stack(samples)
+    batch = torch.from_numpy(stacked).float()
+    return batch.div_(127.5).sub_(1.0) if stacked.dtype == np.uint8 else batch
 
 
 def resize_and_crop(img: Image.Image, h: int, w: int) -> Image.Image:
@@ -335,7 +354,7 @@ class UnitStream(torch.utils.data.IterableDataset):
             # Events before the restored position were already counted by the run that saved it.
             fresh = [e for e in events if (e.epoch, e.at) >= resume]
             events.clear()
-            batch = torch.from_numpy(np.stack(images)).float().div_(127.5).sub_(1.0) if keys else None
+            batch = to_batch(images) if keys else None
             label_tensor = torch.tensor(labels, dtype=torch.int64) if keys else None
             return Item(worker, progress.epoch, progress.consumed, done, batch, label_tensor, list(keys), fresh)
 
@@ -382,6 +401,8 @@ class UnitStream(torch.utils.data.IterableDataset):
     def decode(self, sample: dict[str, Any], epoch: int) -> tuple[np.ndarray, int]:
         """Image and label of a sample `read_shard` delivered (it checked the members and the label)."""
         c = self.config
+        if "npy" in sample:  # a latent set (pipeline.encode): used as stored, never resized or flipped
+            return decode_latent(sample["npy"], c.resolution, c.channels), sample["__label__"]
         image = decode_image(sample["png"], c.resolution, c.channels, c.fit)
         if c.hflip and flip_this(c.seed, epoch, sample["__key__"]):
             image = np.ascontiguousarray(image[:, :, ::-1])
@@ -422,8 +443,8 @@ class StreamingLoader:
                  max_bad_fraction: float = 0.01, fit: str = "resize", retries: int = urls.DEFAULT_RETRIES,
                  timeout_s: float = urls.DEFAULT_TIMEOUT_S, verify: str = "size"):
         resolution = image_size(resolution)
-        if batch_size < 1 or min(resolution) < 1 or channels not in (1, 3) or num_workers < 0:
-            raise LoaderError(f"need batch_size >= 1, resolution >= 1, channels 1 or 3, num_workers >= 0; got "
+        if batch_size < 1 or min(resolution) < 1 or channels < 1 or num_workers < 0:
+            raise LoaderError(f"need batch_size >= 1, resolution >= 1, channels >= 1, num_workers >= 0; got "
                               f"{batch_size}, {resolution}, {channels}, {num_workers}")
         if fit not in FITS or not 0 <= max_bad_fraction <= 1 or verify not in shard_format.VERIFY_LEVELS:
             raise LoaderError(f"fit must be one of {FITS}, max_bad_fraction in [0, 1] and verify one of "

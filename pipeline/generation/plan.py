@@ -75,14 +75,15 @@ def rank_from_env() -> tuple[int, int]:
 def make_spec(inference, generator: dict, num_samples: int, shard_size: int) -> dict[str, Any]:
     cfg = inference.config
     num_classes = cfg.model.num_classes
+    vae = inference.vae  # a latent model writes the images its VAE decodes
     return {
         "format": SPEC_FORMAT,
         "generator": generator,
         "num_samples": num_samples,
         "shard_size": shard_size,
         "source": {"kind": "generated", "checkpoint": str(inference.path), "step": inference.step},
-        "image_size": [cfg.data.resolution, cfg.data.resolution],
-        "channels": cfg.data.channels,
+        "image_size": [vae.image_size] * 2 if vae else [cfg.data.resolution, cfg.data.resolution],
+        "channels": vae.in_channels if vae else cfg.data.channels,
         "class_names": [str(c) for c in range(num_classes)] if num_classes else [],
     }
 

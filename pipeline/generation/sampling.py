@@ -38,7 +38,11 @@ def sample_images(inference, ids: Sequence[int], sampling: Sampling) -> torch.Te
                    sampler=sampling.sampler, steps=sampling.steps, eta=sampling.eta,
                    prediction=cfg.diffusion.prediction, guidance=sampling.guidance,
                    y=None if labels is None else labels.to(device), null_class=cfg.model.num_classes,
-                   clip_x0=True, seed=sampling.seed, sample_ids=ids.to(device))
+                   clip_x0=inference.vae is None, seed=sampling.seed, sample_ids=ids.to(device))
+    if inference.vae is not None:  # a latent model: images are the VAE's decoding of the sampled latents
+        from pipeline.latent import decode_latents
+
+        x = decode_latents(inference.vae, x, cfg.model.latent_scale)
     return x.clamp(-1, 1)
 
 

@@ -20,21 +20,23 @@ from pipeline.generation.settings import Sampling
 MANIFEST_INTERVAL_S = 30.0  # rebuild the manifest at most this often while running (always at the end)
 
 
-def write_shards(inference, sampling: Sampling, spec: dict, out: Path, done: DoneRecords, todo: list[int],
-                 batch_size: int, progress: bool, publish: Callable[[dict], None] | None = None) -> None:
+def write_shards(samples_of: Callable[[range], Iterator[dict]], spec: dict, out: Path, done: DoneRecords,
+                 todo: list[int], progress: bool, publish: Callable[[dict], None] | None = None,
+                 desc: str = "generate") -> None:
     """Write the shards `todo` of the set `spec` into `out`, each followed by its done record (then handed to
-    `publish`, which uploads it when --out is remote)."""
+    `publish`, which uploads it when --out is remote); `samples_of(ids)` gives the shard-format samples of a
+    shard's global sample ids (`shard_samples` for generation, latents for `encode`)."""
     from tqdm import tqdm
 
     count = sum(len(shard_ids(s, spec["num_samples"], spec["shard_size"])) for s in todo)
     last_manifest = time.monotonic()
-    with tqdm(total=count, desc="generate", unit="img", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(total=count, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         for shard in todo:
             done.forget(shard)
             _remove_partial_files(out, shard)
             ids = shard_ids(shard, spec["num_samples"], spec["shard_size"])
             record = shards.write_shard(out / (shards.SHARD_PATTERN % shard),
-                                        _counted(shard_samples(inference, sampling, ids, batch_size), bar))
+                                        _counted(samples_of(ids), bar))
             record.update(first_id=ids.start, status="done")
             shards.atomic_write_bytes(done_path(out, shard), json.dumps(record, sort_keys=True).encode())
             if publish:

@@ -1,4 +1,5 @@
 """DiT: shapes, zero-initialised output, conditioning, config errors, and training through the real trainer."""
+import dataclasses
 import subprocess
 import sys
 
@@ -89,9 +90,10 @@ def test_dit_trains_through_the_real_trainer(tmp_path, digits_shards, stage, pre
     first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
     assert last < 0.8 * first, (first, last)
     from pipeline.checkpoint import load_for_inference
-    from pipeline.sample import sample_images
+    from pipeline.generation.sampling import sample_images
+    from pipeline.generation.settings import default_sampling
 
     inference = load_for_inference(run)
     assert isinstance(inference.model, DiT)
-    images = sample_images(inference, num=4, steps=4)
+    images = sample_images(inference, range(4), dataclasses.replace(default_sampling(inference.config), steps=4))
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
