@@ -238,8 +238,10 @@ def _manifest_value_problems(manifest: dict[str, Any]) -> list[str]:
     size = manifest["image_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(_is_count(v) and v > 0 for v in size)):
         problems.append(f"image_size {size!r} is not [height, width] of positive integers")
-    if manifest["channels"] not in (1, 3) or isinstance(manifest["channels"], bool):
-        problems.append(f"channels {manifest['channels']!r} is not 1 or 3")
+    latent = "latent_shape" in (manifest.get("generator") or {})  # a latent set (pipeline.encode): any C >= 1
+    channels = manifest["channels"]
+    if not _is_count(channels) or (channels < 1 if latent else channels not in (1, 3)):
+        problems.append(f"channels {channels!r} is not {'a positive integer' if latent else '1 or 3'}")
     names = manifest["class_names"]
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         problems.append(f"class_names {names!r} is not a list of strings")
