@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_bytes, atomic_write_text, fsync_dir
 
 COMPLETE = "COMPLETE"
+CHECKPOINT_NAME = re.compile(r"step-\d+(\.r\d+)?")
 CHECKPOINT_FORMAT = "pipeline-checkpoint/2"  # in COMPLETE; checkpoints before it have no format key
 
 
@@ -56,10 +58,15 @@ def revision_of(path: Path) -> int:
     return int(path.name.partition(".r")[2] or 1)
 
 
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Folders named like a save (`step-N`, `step-N.rK`), complete or not; other folders are left alone."""
+    root = Path(run_dir) / "checkpoints"
+    return [p for p in root.glob("step-*") if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()]
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first; of several revisions of one step, only the newest."""
-    root = Path(run_dir) / "checkpoints"
-    found = [p for p in root.glob("step-*") if (p / COMPLETE).is_file()] if root.is_dir() else []
+    found = [p for p in checkpoint_folders(run_dir) if (p / COMPLETE).is_file()]
     newest = {}
     for p in sorted(found, key=lambda p: (step_of(p), revision_of(p))):
         newest[step_of(p)] = p
@@ -110,7 +117,7 @@ def seal(folder: Path, meta: dict) -> None:
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     """Remove all but the newest `keep_last` complete checkpoints, and every superseded revision."""
     keep = set(complete_checkpoints(root.parent)[-keep_last:])
-    for old in root.glob("step-*"):
+    for old in checkpoint_folders(root.parent):
         if (old / COMPLETE).is_file() and old not in keep:
             remove_checkpoint(old)
 
@@ -122,8 +129,8 @@ def remove_checkpoint(folder: Path) -> None:
 
 def remove_incomplete_checkpoints(run_dir: Path) -> None:
     """Folders of saves that were killed (no COMPLETE): never resumed from, so only taking space."""
-    for folder in (Path(run_dir) / "checkpoints").glob("step-*"):
-        if folder.is_dir() and not (folder / COMPLETE).is_file():
+    for folder in checkpoint_folders(run_dir):
+        if not (folder / COMPLETE).is_file():
             shutil.rmtree(folder, ignore_errors=True)
 
 

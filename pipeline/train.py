@@ -246,7 +246,7 @@ class Trainer:
 
     def open_run_folder(self) -> RunLogger:
         """Rank 0 clears what killed runs left behind, records config and environment, opens the logs."""
-        from pipeline.checkpoint import remove_incomplete_checkpoints
+        from pipeline.checkpoint import checkpoint_folders, remove_incomplete_checkpoints
         from pipeline.io import remove_stale_temporaries
         from pipeline.provenance import describe_environment
 
@@ -254,7 +254,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_incomplete_checkpoints(self.run_dir)
             for folder in (self.run_dir, self.run_dir / "export", self.run_dir / "samples",
-                           *(self.run_dir / "checkpoints").glob("step-*")):
+                           *checkpoint_folders(self.run_dir)):
                 remove_stale_temporaries(folder)
             save_config(self.config, self.run_dir / "config.yaml")
             record_start(self.run_dir / "run_info.json", {

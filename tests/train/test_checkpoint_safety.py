@@ -6,7 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from pipeline.checkpoint import COMPLETE, complete_checkpoints, new_checkpoint_dir, prune_checkpoints
+from pipeline.checkpoint import (COMPLETE, complete_checkpoints, new_checkpoint_dir, prune_checkpoints,
+                                 remove_incomplete_checkpoints)
 from tests.train.conftest import REPO, read_log, run_training, train_command
 
 
@@ -98,3 +99,7 @@ def test_a_resave_of_an_existing_step_goes_to_a_new_revision_and_a_kill_at_any_p
     prune_checkpoints(root, keep_last=1)
     assert complete_checkpoints(tmp_path) == [new] and not (root / "step-0000005").exists()
     assert new_checkpoint_dir(root, 10).name == "step-0000010.r3"  # never a name that was used
+    other = fake_checkpoint(root, "step-0000010-universal", complete=False)  # not a save: left alone
+    remove_incomplete_checkpoints(tmp_path)
+    prune_checkpoints(root, keep_last=1)
+    assert other.is_dir() and complete_checkpoints(tmp_path) == [new]
