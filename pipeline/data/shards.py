@@ -8,6 +8,10 @@ through this module, so a generated set can be read by the same loader as a real
 Every file is written to a temporary name in the same folder, fsynced and renamed, so a reader (or a
 re-run after a crash) never sees a half-written shard or manifest. Tar members carry a fixed mtime,
 owner and mode, so the same samples always give the same bytes and the same sha256.
+
+Reading is owned here too: `read_manifest` refuses malformed values, `verify_shards` checks a folder against
+its manifest, and `read_shard` (the one reader, used by the loader and by evaluation) delivers each valid
+sample of a shard once and reports exactly what it could not deliver (`ShardReport`).
 """
 from __future__ import annotations
 
