@@ -238,7 +238,10 @@ def _manifest_value_problems(manifest: dict[str, Any]) -> list[str]:
     size = manifest["image_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(_is_count(v) and v > 0 for v in size)):
         problems.append(f"image_size {size!r} is not [height, width] of positive integers")
-    if manifest["channels"] not in (1, 3) or isinstance(manifest["channels"], bool):
+    latent = isinstance(manifest.get("generator"), dict) and "latent_shape" in manifest["generator"]
+    if latent and not (_is_count(manifest["channels"]) and manifest["channels"] > 0):  # pipeline.encode's npy set
+        problems.append(f"channels {manifest['channels']!r} of a latent set is not a positive integer")
+    if not latent and (manifest["channels"] not in (1, 3) or isinstance(manifest["channels"], bool)):
         problems.append(f"channels {manifest['channels']!r} is not 1 or 3")
     names = manifest["class_names"]
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
