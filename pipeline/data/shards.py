@@ -8,6 +8,10 @@ through this module, so a generated set can be read by the same loader as a real
 Every file is written to a temporary name in the same folder, fsynced and renamed, so a reader (or a
 re-run after a crash) never sees a half-written shard or manifest. Tar members carry a fixed mtime,
 owner and mode, so the same samples always give the same bytes and the same sha256.
+
+Reading is owned here too: `read_manifest` refuses malformed values, `verify_shards` checks a folder against
+its manifest, and `read_shard` (the one reader, used by the loader and by evaluation) delivers each valid
+sample of a shard once and reports exactly what it could not deliver (`ShardReport`).
 """
 from __future__ import annotations
 
@@ -238,11 +242,10 @@ def _manifest_value_problems(manifest: dict[str, Any]) -> list[str]:
     size = manifest["image_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(_is_count(v) and v > 0 for v in size)):
         problems.append(f"image_size {size!r} is not [height, width] of positive integers")
-    latent = isinstance(manifest.get("generator"), dict) and "latent_shape" in manifest["generator"]
-    if latent and not (_is_count(manifest["channels"]) and manifest["channels"] > 0):  # pipeline.encode's npy set
-        problems.append(f"channels {manifest['channels']!r} of a latent set is not a positive integer")
-    if not latent and (manifest["channels"] not in (1, 3) or isinstance(manifest["channels"], bool)):
-        problems.append(f"channels {manifest['channels']!r} is not 1 or 3")
+    latent = "latent_shape" in (manifest.get("generator") or {})  # a latent set (pipeline.encode): any C >= 1
+    channels = manifest["channels"]
+    if not _is_count(channels) or (channels < 1 if latent else channels not in (1, 3)):
+        problems.append(f"channels {channels!r} is not {'a positive integer' if latent else '1 or 3'}")
     names = manifest["class_names"]
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         problems.append(f"class_names {names!r} is not a list of strings")
@@ -376,14 +379,17 @@ class _HashingReader:
 
 
 def count_samples(path: str | os.PathLike) -> int:
-    """Number of distinct sample keys in a tar (raises on a truncated or corrupt tar)."""
+    """Number of distinct sample keys in a tar; -1 when the tar is damaged."""
     with open(path, "rb") as stream:
         return _count_keys(stream)
 
 
 def _count_keys(stream: BinaryIO) -> int:
     problems: list[str] = []
-    keys = {split_member_name(name)[0] for name, _ in tar_members(stream, problems)}
+    try:
+        keys = {split_member_name(name)[0] for name, _ in tar_members(stream, problems)}
+    except EOFError:
+        return -1
     return len(keys) if not problems else -1  # a damaged tar never matches a manifest count
 
 
@@ -472,15 +478,24 @@ def _tar_number(field: bytes) -> int:
     if field[:1] in (b"\x80", b"\xff"):
         raise TarFormatError("base-256 tar numbers (members over 8 GiB) are not supported")
     digits = field.rstrip(b"\0 ").lstrip(b" ")
-    if not re.fullmatch(rb"[0-7]*", digits):
+    try:
+        if digits.isdigit():  # (int() alone would also take signs, underscores and inner spaces)
+            return int(digits, 8)
+    except ValueError:  # an 8 or a 9
+        pass
+    if digits:
         raise TarFormatError(f"bad octal number {field!r} in tar header: corrupt header")
-    return int(digits or b"0", 8)
+    return 0
 
 
 def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if header[257:262] == b"ustar" else ""
-    return f"{prefix}/{name}" if prefix else name
+    def text(field: bytes) -> str:
+        return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+    name = text(header[:100])
+    if header[345] and header[257:262] == b"ustar":
+        return f"{text(header[345:500])}/{name}"
+    return name
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -576,7 +591,7 @@ def read_shard(stream: BinaryIO, spec: ShardSpec, report: ShardReport) -> Iterat
 
 def _deliver(sample: dict[str, Any], spec: ShardSpec, report: ShardReport) -> Iterator[dict[str, Any]]:
     key, ids = sample["__key__"], spec.ids
-    if ids is not None and not (re.fullmatch(r"[0-9]+", key) and int(key) in ids and key == KEY_FORMAT % int(key)):
+    if ids is not None and not (key.isdigit() and key == KEY_FORMAT % int(key) and int(key) in ids):
         report.ignored.append(f"{key!r} is not a sample id of this shard ({ids.start}..{ids.stop - 1})")
         return
     if key in report.delivered:
