@@ -40,7 +40,6 @@ CONNECT_TIMEOUT_S = 10
 DEFAULT_TIMEOUT_S = 30.0  # a remote read that receives nothing for this long counts as dropped
 DEFAULT_RETRIES = 3
 RETRY_BACKOFF_S = (0.2, 1.0, 2.0, 4.0)  # waits before retry 1, 2, 3 and later ones
-CLOSED_EARLY = (0, 141, 23, -13)  # exit statuses of a command whose reader stopped early (SIGPIPE, curl's EPIPE)
 TAR_NAME = re.compile(r"[^/\s'\"]+\.tar\b")  # a shard's file name inside a URL or command
 NAME_SLOT = "{name}"
 T = TypeVar("T")
