@@ -92,8 +92,7 @@ class HttpFolder(Destination):
     def put(self, name: str, source: Path) -> None:
         done = self.curl("-f", "--retry", str(UPLOAD_RETRIES), "--retry-all-errors", "-T", str(source), self.url(name))
         if done.returncode != 0:
-            raise DestinationError(f"upload of {source.name} to {self.url(name)} failed: "
-                                   f"{done.stderr.decode(errors='replace').strip() or f'curl exit {done.returncode}'}")
+            raise DestinationError(f"upload of {source.name} to {self.url(name)} failed: {last_line(done)}")
 
     def _get(self, name: str, *args: str) -> subprocess.CompletedProcess | None:
         done = self.curl("-w", "\n%{http_code}", *args, self.url(name))
@@ -101,8 +100,8 @@ class HttpFolder(Destination):
         if done.returncode == 0 and code == b"404":
             return None
         if done.returncode != 0 or not code.startswith(b"2"):
-            raise DestinationError(f"cannot read {self.url(name)}: "
-                                   f"{done.stderr.decode(errors='replace').strip() or f'HTTP {code.decode()}'}")
+            reason = last_line(done) if done.returncode else f"HTTP {code.decode()}"
+            raise DestinationError(f"cannot read {self.url(name)}: {reason}")
         done.stdout = body
         return done
 
@@ -127,9 +126,13 @@ class UploadCommand(Destination):
         with open(source, "rb") as f:
             done = subprocess.run(command, shell=True, stdin=f, capture_output=True)
         if done.returncode != 0:
-            said = done.stderr.decode(errors="replace").strip()
-            raise DestinationError(f"upload command for {name} ({command!r}) exited with status {done.returncode}"
-                                   + (f": {said.splitlines()[-1]}" if said else ""))
+            raise DestinationError(f"upload command for {name} ({command!r}) failed: {last_line(done)}")
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    """What a failed command said last (curl repeats itself once per retry), or its exit status."""
+    said = done.stderr.decode(errors="replace").strip().splitlines()
+    return said[-1] if said else f"exit status {done.returncode}"
 
 
 def remote(out: str | Path, flag: str = "--out") -> Destination | None:

@@ -76,3 +76,11 @@ def test_unreachable_http_destination_is_one_line(capsys):
     assert prepare("http://127.0.0.1:9/set") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "http://127.0.0.1:9/set/manifest.json" in err
+
+
+def test_a_failed_upload_is_one_line_and_leaves_no_manifest(nginx, proxy, capsys):
+    url = f"{proxy.url}/refused/digits"  # the proxy answers PUT with 501: nothing reaches nginx
+    assert prepare(url) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{url}/shard-000000.tar" in err and "501" in err
+    assert not (nginx.www / "refused").exists()
