@@ -13,8 +13,10 @@ from tests.train.conftest import REPO, read_log, run_training, train_command
 
 def snapshot(folder: Path) -> dict:
     """Every file and folder under `folder`, files with inode, mtime and content hash: any change shows."""
-    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            if p.is_file() else "folder" for p in sorted(folder.rglob("*"))}
+    def fingerprint(p: Path):
+        return (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+
+    return {str(p.relative_to(folder)): fingerprint(p) if p.is_file() else "folder" for p in sorted(folder.rglob("*"))}
 
 
 def start_training(run: Path, shards: Path, *overrides: str) -> subprocess.Popen:

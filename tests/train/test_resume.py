@@ -4,13 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import zipfile
 
 import pytest
 import torch
 
-from pipeline.checkpoint import (COMPLETE, RUN_STATE_VERSION, CheckpointError, RunState, complete_checkpoints,
-                                 problem_with)
+from pipeline.checkpoint import (COMPLETE, RUN_STATE_VERSION, CheckpointError, RunState, choose_resume_point,
+                                 complete_checkpoints, problem_with)
 from pipeline.config import load_config, resume_conflicts, to_dict
 from tests.train.conftest import REPO, read_log, run_training, train_command
 from tests.train.test_checkpoint_safety import snapshot, start_training, wait_for
@@ -135,3 +134,12 @@ def test_resume_rules_come_from_the_config_fields():
     assert resume_conflicts(saved, load_config("configs/tiny.yaml")) == []
     assert resume_conflicts(saved, load_config("configs/tiny.yaml", ["train.grad_clip=0.5"])) == [
         "train.grad_clip: 1.0 -> 0.5"]
+
+
+def test_resume_never_refuses_a_folder_with_checkpoints(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "step-0000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / COMPLETE).write_text(json.dumps({"step": 3, "world_size": 1}))
+    with pytest.raises(CheckpointError, match="--resume never: .* already holds checkpoints"):
+        choose_resume_point(tmp_path, "never")
+    assert choose_resume_point(tmp_path, "auto") == ckpt and choose_resume_point(tmp_path / "new", "never") is None
