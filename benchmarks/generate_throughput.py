@@ -11,7 +11,10 @@ Rows (the `path` column):
   +compile        + torch.compile of the model (`generate --compile`; with --compile here)
   end-to-end      the whole `generate` command (sampling + PNG + tar + manifest) with its default speed path
 Weights are random (speed does not depend on them); the end-to-end row writes them as a real export first.
-The numbers are printed and written to a CSV that names the device.
+Each row also gives model TFLOP/s (forward FLOPs per image counted once by pipeline.flops, times the steps;
+the end-to-end row counts only the model too) and MFU against the device's bf16 data-sheet peak (GPUs) and
+against a bf16 (GPU) / fp32 (CPU) matmul measured in the same run. The numbers are printed and written to a
+CSV that names the device, commit and date.
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import argparse
 import copy
 import csv
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,18 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.checkpoint import Inference, export_weights, weights_hash  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.factory import build_model  # noqa: E402
+from pipeline.flops import flops_per_image, matmul_tflops, peak_tflops  # noqa: E402
+from benchmarks.timing import run_stamp  # noqa: E402
 
 SAMPLERS = (("ddim", 50), ("dpmpp", 20))
 # (name, precision, cuda graph, sampler-update backend, torch.compile); each builds on the one before it.
 PATHS = (("eager", "fp32", False, "torch", False), ("fused", "fp32", False, "auto", False),
          ("bf16+cl", "bf16", False, "auto", False), ("bf16+cl+graph", "bf16", True, "auto", False),
          ("+compile", "bf16", True, "auto", True))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def synchronize(device: torch.device) -> None:
@@ -109,6 +107,18 @@ def main() -> int:
     model = build_model(config).to(device).eval()
     base = Inference(model, config, 0, weights_hash(model.state_dict()), Path("random-weights"))
     rows = []
+    forward_flops = flops_per_image(config, train=False)
+    matmul = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    peak = peak_tflops(device)
+
+    def utilisation(rate: float, steps: int) -> str:
+        tflops = rate * steps * forward_flops / 1e12
+        rows[-1] += (tflops, tflops / matmul, tflops / peak if peak else None)
+        return f"{tflops:8.3g} TFLOP/s  MFU {tflops / matmul:6.1%} of matmul" + (f", {tflops / peak:6.1%} of peak"
+                                                                                  if peak else "")
+
+    print(f"{forward_flops / 1e9:.3g} GFLOP/image per forward; matmul measured {matmul:.3g} TFLOP/s"
+          + (f", data-sheet bf16 peak {peak} TFLOP/s" if peak else ""))
     for sampler, steps in SAMPLERS:
         for name, precision, graph, backend, compiled in paths_for(device, args.compile):
             os.environ["DIFFUSION_KERNELS"] = backend  # read by kernels.dispatch at every call
@@ -116,24 +126,29 @@ def main() -> int:
             inference = fast_inference(fresh, precision=precision, cuda_graph=graph, compile_model=compiled)
             rate = images_per_second(inference, sampler, steps, args.num, args.batch_size, device)
             rows.append((sampler, steps, name, rate))
-            print(f"{sampler:6s} {steps:3d} steps  {name:14s} {rate:10.1f} images/s", flush=True)
+            print(f"{sampler:6s} {steps:3d} steps  {name:14s} {rate:10.1f} images/s  {utilisation(rate, steps)}",
+                  flush=True)
         os.environ.pop("DIFFUSION_KERNELS", None)
         rate = end_to_end(config, model, sampler, steps, args.num, args.batch_size, device)
         rows.append((sampler, steps, "end-to-end", rate))
-        print(f"{sampler:6s} {steps:3d} steps  {'end-to-end':14s} {rate:10.1f} images/s", flush=True)
-    write_csv(args.csv, rows, device_name(device), args, config)
+        print(f"{sampler:6s} {steps:3d} steps  {'end-to-end':14s} {rate:10.1f} images/s  {utilisation(rate, steps)}",
+              flush=True)
+    write_csv(args.csv, rows, run_stamp(device), args, config, matmul)
     return 0
 
 
-def write_csv(path: str, rows, device: str, args, config) -> None:
+def write_csv(path: str, rows, stamp: dict, args, config, matmul: float) -> None:
     params = sum(p.numel() for p in build_model(config).parameters())
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["device", "torch", "config", "params", "batch_size", "sampler", "steps", "path", "images_per_s"])
-        for sampler, steps, name, rate in rows:
-            writer.writerow([device, torch.__version__, args.config, params, args.batch_size, sampler, steps, name,
-                             f"{rate:.1f}"])
-    print(f"wrote {path} ({device}, {params / 1e6:.2f}M parameters, batch {args.batch_size})")
+        writer.writerow(["device", "commit", "date", "load", "torch", "config", "params", "batch_size", "sampler",
+                         "steps", "path", "images_per_s", "tflops", "mfu_vs_matmul", "mfu_vs_peak", "matmul_tflops"])
+        for sampler, steps, name, rate, tflops, vs_matmul, vs_peak in rows:
+            writer.writerow([stamp["device"], stamp["commit"], stamp["date"], stamp["load"], torch.__version__,
+                             args.config, params, args.batch_size, sampler, steps, name, f"{rate:.1f}",
+                             f"{tflops:.4g}", f"{vs_matmul:.4f}", "" if vs_peak is None else f"{vs_peak:.4f}",
+                             f"{matmul:.4g}"])
+    print(f"wrote {path} ({stamp['device']}, {params / 1e6:.2f}M parameters, batch {args.batch_size})")
 
 
 if __name__ == "__main__":

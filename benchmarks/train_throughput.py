@@ -1,20 +1,23 @@
-"""Training throughput (images/s) of the real trainer step, for each loss backend.
+"""Training throughput and MFU of the real trainer step, side by side with a minimal plain-PyTorch loop.
 
-Times `Trainer.train_step` (forward, fused or reference loss, backward, DeepSpeed step, EMA) on batches already
-on the device, so the number is the model step, not the loader (see loader_throughput.py for that).
+`trainer`: `Trainer.train_step` (forward, loss with counter-based noise, backward, DeepSpeed step, clipping,
+EMA) on a batch already on the device, so the number is the model step, not the loader. `plain`: the same
+model, batch and AdamW in a minimal loop (torch.randn noise, F.mse_loss, backward, step: no DeepSpeed, no
+EMA). Interleaved repetitions (trainer, plain, trainer, ...), medians with min-max. Model FLOPs per image are
+counted once (pipeline.flops), so each row also gives TFLOP/s and MFU: against the device's bf16 data-sheet
+peak (GPUs) and against a matmul measured in this run in the step's dtype.
 
-  python benchmarks/train_throughput.py                                   # tiny config, CPU, torch loss
-  python benchmarks/train_throughput.py --config configs/cifar_ddpm.yaml --backends torch triton   # GPU
-Prints a table and appends rows to benchmarks/results/train_throughput.csv (device named in each row).
+  python benchmarks/train_throughput.py                                   # tiny config, CPU
+  python benchmarks/train_throughput.py --config configs/cifar_ddpm.yaml train.precision=bf16 train.micro_batch=128
+Prints a table and appends rows to benchmarks/results/train_throughput.csv (device, commit, date per row).
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,40 +26,51 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    import platform
-
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+from benchmarks.timing import append_csv, interleaved, load_note, run_stamp, summary  # noqa: E402
 
 
-def time_steps(trainer, batch, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        trainer.train_step([batch] * trainer.config.train.grad_accum)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step([batch] * trainer.config.train.grad_accum)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def plain_step(config, device, batch):
+    """One optimizer step of a minimal PyTorch training loop on the same model and batch."""
+    import torch.nn.functional as F
+
+    from pipeline.factory import build_model, build_schedule
+
+    t_cfg = config.train
+    torch.manual_seed(t_cfg.seed)
+    model = build_model(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, betas=tuple(t_cfg.adam_betas),
+                                  weight_decay=t_cfg.weight_decay)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.precision == "bf16")
+    x0, y = batch.images, batch.labels.to(device) if config.model.num_classes else None
+    alpha_bar = build_schedule(config).alphas_cumprod.to(device) if config.model.type == "ddpm" else None
+
+    def step():
+        with autocast:
+            if alpha_bar is None:
+                loss = model.loss(x0)[0]
+            else:
+                t = torch.randint(0, len(alpha_bar), (len(x0),), device=device)
+                noise = torch.randn_like(x0)
+                a = alpha_bar[t].view(-1, 1, 1, 1)
+                loss = F.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, y).float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/tiny.yaml", help="run config to benchmark")
-    p.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "triton"],
-                   help="loss backends to compare (triton needs CUDA, or TRITON_INTERPRET=1 on CPU)")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per backend")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per timed repetition")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (medians are reported)")
     p.add_argument("--csv", default=str(REPO / "benchmarks/results/train_throughput.csv"), help="CSV to append to")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.micro_batch=256")
     args = p.parse_args()
 
     from pipeline.config import load_config
+    from pipeline.flops import flops_per_image, matmul_tflops, peak_tflops
     from pipeline.train import Trainer
 
     tmp = Path(tempfile.mkdtemp())
@@ -64,33 +78,50 @@ def main() -> None:
                    check=True, cwd=REPO, capture_output=True)  # the trainer's loader needs a shard set to open
     config = load_config(args.config, [f"data.shards={tmp / 'd'}", "train.sample_every=0", *args.overrides])
     trainer = Trainer(config, tmp / "run")
-    d, t = config.data, config.train
-    n_params = sum(p.numel() for p in trainer.engine.module.parameters())
+    d, t, device = config.data, config.train, trainer.device
     gen = torch.Generator().manual_seed(0)
-    batch = SimpleNamespace(images=torch.rand(t.micro_batch, d.channels, d.resolution, d.resolution,
-                                              generator=gen).mul(2).sub(1).to(trainer.device),
+    batch = SimpleNamespace(images=torch.rand(t.micro_batch, d.channels, d.resolution, d.width or d.resolution,
+                                              generator=gen).mul(2).sub(1).to(device),
                             labels=torch.randint(0, config.model.num_classes or 1, (t.micro_batch,), generator=gen))
+    plain = plain_step(config, device, batch)
+
+    def trainer_steps():
+        for _ in range(args.steps):
+            trainer.train_step([batch] * t.grad_accum)
+
+    def plain_steps():
+        for _ in range(args.steps * t.grad_accum):
+            plain()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = interleaved({"trainer": trainer_steps, "plain": plain_steps}, repeats=args.repeats, sync=sync)
+    flops = flops_per_image(config, train=True)
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    matmul, peak = matmul_tflops(device, dtype), peak_tflops(device)
+    images = args.steps * t.micro_batch * t.grad_accum
+    stamp = run_stamp(device)
     rows = []
-    for backend in args.backends:
-        config.train.loss_backend = backend
-        seconds = time_steps(trainer, batch, args.steps, args.warmup)
-        images = args.steps * t.micro_batch * t.grad_accum * trainer.world
-        rows.append({"device": device_name(), "config": config.name, "params_M": round(n_params / 1e6, 2),
-                     "precision": t.precision, "micro_batch": t.micro_batch, "loss_backend": backend,
-                     "steps": args.steps, "ms_per_step": round(1000 * seconds / args.steps, 2),
-                     "images_per_s": round(images / seconds, 1)})
-    print(f"\n{'device':<28} {'config':<12} {'params':>7} {'prec':>5} {'batch':>6} {'loss':>7} {'ms/step':>9} {'img/s':>9}")
+    for name, seconds in times.items():
+        per_step = statistics.median(seconds) / args.steps
+        tflops = images / statistics.median(seconds) * flops / 1e12
+        rows.append({**stamp, "config": config.name, "precision": t.precision, "micro_batch": t.micro_batch,
+                     "contender": name, "ms_per_step": round(1000 * per_step, 3),
+                     "ms_min": round(1000 * min(seconds) / args.steps, 3),
+                     "ms_max": round(1000 * max(seconds) / args.steps, 3),
+                     "images_per_s": round(images / statistics.median(seconds), 1),
+                     "gflop_per_image": round(flops / 1e9, 4), "tflops": round(tflops, 4),
+                     "mfu_vs_peak": round(tflops / peak, 4) if peak else "",
+                     "mfu_vs_matmul": round(tflops / matmul, 4), "matmul_tflops": round(matmul, 3)})
+    print(f"{stamp['device']}; {load_note()}")
+    print(f"{config.name}, {t.precision}, micro-batch {t.micro_batch}, {flops / 1e9:.3g} GFLOP/image fwd+bwd; "
+          f"matmul measured {matmul:.3g} TFLOP/s" + (f", data-sheet peak {peak} TFLOP/s" if peak else ""))
     for r in rows:
-        print(f"{r['device'][:28]:<28} {r['config']:<12} {r['params_M']:>6}M {r['precision']:>5} {r['micro_batch']:>6} "
-              f"{r['loss_backend']:>7} {r['ms_per_step']:>9} {r['images_per_s']:>9}")
-    out = Path(args.csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+        print(f"  {r['contender']:<8} ms/step {summary(times[r['contender']], 1e3 / args.steps):>22}  "
+              f"{r['images_per_s']:>9} img/s  {r['tflops']:.3g} TFLOP/s  MFU vs matmul {r['mfu_vs_matmul']:.1%}"
+              + (f", vs peak {r['mfu_vs_peak']:.1%}" if peak else ""))
+    ratio = statistics.median(times["plain"]) / statistics.median(times["trainer"])
+    print(f"  trainer images/s = {ratio:.2f}x the plain loop's")
+    append_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

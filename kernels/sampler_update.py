@@ -79,8 +79,8 @@ def sampler_update_reference(x_t, model_out, coeffs, prediction="eps", model_out
     x_next = c_x0 * x0_hat + c_xt * x
     if x0_prev is not None:
         x_next = x_next + c_x0_prev * x0_prev.to(torch.float32)
-    noise = randn(seed, stream, sample_ids, x_t.shape[1:])
-    x_next = x_next + sigma * noise
+    if sigma.item() != 0.0:  # deterministic steps (DDIM eta=0, DPM-Solver++) draw no noise, like the kernel
+        x_next = x_next + sigma * randn(seed, stream, sample_ids, x_t.shape[1:])
     return x_next.to(x_t.dtype), x0_hat.to(x_t.dtype)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from launch.executors import CLUSTERS, Resources, make_executor, resolve_cluster, sbatch_script, submit
 from launch.requeue import PipelineTask, pipeline_command
+from pipeline.cli import OneLineParser, count, non_negative
 from pipeline.errors import PipelineError
 
 COLLECTIVE_TIMEOUT_ENV = "PIPELINE_COLLECTIVE_TIMEOUT_S"  # read by pipeline.train.init_distributed
@@ -35,17 +36,17 @@ def add_resource_arguments(parser: argparse.ArgumentParser, multi_task: bool) ->
     parser.add_argument("--cluster", choices=CLUSTERS, default="auto",
                         help="where to run: slurm, local processes on this machine, or auto (slurm when `sbatch` "
                              "is on PATH)")
-    parser.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit per job in minutes")
-    parser.add_argument("--gpus-per-node", type=int, default=0, metavar="G",
+    parser.add_argument("--time", type=count, default=60, metavar="MIN", help="time limit per job in minutes")
+    parser.add_argument("--gpus-per-node", type=non_negative, default=0, metavar="G",
                         help="GPUs per node (training runs one task per GPU)")
     if multi_task:
-        parser.add_argument("--nodes", type=int, default=1, metavar="N", help="number of nodes")
-        parser.add_argument("--tasks-per-node", type=int, default=None, metavar="T",
+        parser.add_argument("--nodes", type=count, default=1, metavar="N", help="number of nodes")
+        parser.add_argument("--tasks-per-node", type=count, default=None, metavar="T",
                             help="tasks (processes) per node on CPU; with --gpus-per-node it must equal G")
         parser.add_argument("--collective-timeout", type=float, default=None, metavar="S",
                             help="seconds a collective waits for the other ranks before the job fails (a dead "
                                  "node ends the job instead of hanging it; default 600)")
-    parser.add_argument("--cpus-per-task", type=int, default=None, metavar="C",
+    parser.add_argument("--cpus-per-task", type=count, default=None, metavar="C",
                         help="CPU cores per task (also OMP_NUM_THREADS of the task unless already set)")
     parser.add_argument("--mem", default=None, metavar="M", help="memory per node in SLURM syntax, e.g. 64G")
     parser.add_argument("--partition", default=None, metavar="P", help="SLURM partition")
@@ -53,10 +54,10 @@ def add_resource_arguments(parser: argparse.ArgumentParser, multi_task: bool) ->
     parser.add_argument("--qos", default=None, metavar="Q", help="SLURM quality of service")
     parser.add_argument("--constraint", default=None, metavar="C", help="SLURM node feature constraint")
     parser.add_argument("--job-name", default=None, help="job name shown by squeue (default: pipeline-COMMAND)")
-    parser.add_argument("--signal-delay", type=int, default=None, metavar="S",
+    parser.add_argument("--signal-delay", type=non_negative, default=None, metavar="S",
                         help="seconds before the time limit at which the job is told to checkpoint and requeue "
                              "(default: 120, or a quarter of a time limit under 8 minutes)")
-    parser.add_argument("--max-requeues", type=int, default=3, metavar="K",
+    parser.add_argument("--max-requeues", type=non_negative, default=3, metavar="K",
                         help="give up after the job hit its time limit this many times (pre-emptions do not count)")
     parser.add_argument("--setup", action="append", default=[], metavar="CMD",
                         help="shell line run in the job before the tasks (repeatable), e.g. 'module load cuda'")
@@ -67,7 +68,7 @@ def add_resource_arguments(parser: argparse.ArgumentParser, multi_task: bool) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__.splitlines()[0],
+    parser = OneLineParser(prog="python -m launch", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Everything after `--` is passed to `python -m pipeline COMMAND`.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -76,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("generate", "generation"), ("encode", "encoding to latents")):  # the same shard split
         array = sub.add_parser(name, help=f"submit {what}, optionally as a job array")
         add_resource_arguments(array, multi_task=False)
-        array.add_argument("--array", type=int, default=1, metavar="n",
+        array.add_argument("--array", type=count, default=1, metavar="n",
                            help=f"split {what} over n array tasks (adds --task-index k --num-tasks n)")
-        array.add_argument("--array-parallelism", type=int, default=None, metavar="p",
+        array.add_argument("--array-parallelism", type=count, default=None, metavar="p",
                            help="at most p array tasks run at once (SLURM only)")
     return parser
 
@@ -178,8 +179,6 @@ def build_tasks(args: argparse.Namespace, pipeline_args: list[str]) -> list[Pipe
                 raise LaunchError(f"--collective-timeout must be > 0 seconds, got {args.collective_timeout}")
             env[COLLECTIVE_TIMEOUT_ENV] = str(args.collective_timeout)
         return [PipelineTask(pipeline_command("train", pipeline_args), env=env)]
-    if args.array < 1:
-        raise LaunchError(f"--array must be >= 1, got {args.array}")
     if args.array == 1:
         return [PipelineTask(pipeline_command(args.command, pipeline_args))]
     given = [f for f in TASK_SPLIT_FLAGS if option_value(pipeline_args, f) is not None]

@@ -1,7 +1,8 @@
 """Run configuration: typed dataclasses, loaded from YAML, overridden by dotted `key=value` arguments.
 
-Validation happens once, at load: an unknown key or a value of the wrong type is a `ConfigError` that names
-the key (and, for a typo, the closest valid key), so a bad run fails before it costs any compute.
+Validation happens once, at load: an unknown key, a value of the wrong type or outside its field's range
+(`metadata={"range": ...}` on the dataclass field) is a `ConfigError` that names the key, the value and what
+is allowed (and, for a typo, the closest valid key), so a bad run fails before it costs any compute.
 """
 from __future__ import annotations
 
@@ -26,20 +27,58 @@ class ConfigError(PipelineError, ValueError):
 MAY_CHANGE_ON_RESUME = {"resume": "may change"}
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a number (or of each number in a list); a bound of None is unbounded."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # True: lo itself is not allowed
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if value != value:  # NaN is in no range
+            return False
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        lo, hi = (f"2**{v.bit_length() - 1}" if isinstance(v, int) and v > 2**32 else v for v in (self.lo, self.hi))
+        if hi is None:
+            return f"{'>' if self.lo_open else '>='} {lo}"
+        if lo is None:
+            return f"{'<' if self.hi_open else '<='} {hi}"
+        return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+COUNT = Range(lo=1)  # sizes, step counts, intervals
+NON_NEGATIVE = Range(lo=0)
+POSITIVE = Range(lo=0, lo_open=True)
+PROBABILITY = Range(lo=0, hi=1)
+DECAY = Range(lo=0, hi=1, hi_open=True)  # a factor that must shrink what it multiplies
+SEED = Range(lo=0, hi=2**64, hi_open=True)  # the Philox key of the noise (kernels.noise.seed_key)
+
+
 @dataclass
 class DataConfig:
     shards: str = "data/digits"  # shard folder (with manifest.json), a brace pattern of .tar files, or a URL
-    resolution: int = 8  # images are resized/padded to resolution x resolution (height x width)
-    width: Optional[int] = None  # set for non-square images (e.g. 2-D points stored as 1x2 images)
-    channels: int = 1
+    # images are resized/padded to resolution x resolution (height x width)
+    resolution: int = field(default=8, metadata={"range": COUNT})
+    # set for non-square images (e.g. 2-D points stored as 1x2 images)
+    width: Optional[int] = field(default=None, metadata={"range": COUNT})
+    channels: int = field(default=1, metadata={"range": COUNT})
     fit: Literal["resize", "pad"] = "resize"  # how images of another size reach `resolution`
     hflip: bool = False
-    shuffle_buffer: int = 1000
-    num_workers: int = field(default=0, metadata=MAY_CHANGE_ON_RESUME)
+    shuffle_buffer: int = field(default=1000, metadata={"range": NON_NEGATIVE})
+    num_workers: int = field(default=0, metadata={"range": NON_NEGATIVE, **MAY_CHANGE_ON_RESUME})
     resampled: bool = False  # infinite stream with replacement (multi-node), instead of exact epochs
-    max_bad_fraction: float = 0.01  # fail when more than this fraction of samples cannot be decoded
-    read_retries: int = 3  # re-reads of a remote shard whose connection or command fails part-way
-    read_timeout_s: float = 30.0  # a remote read that receives nothing for this long counts as failed
+    # fail when more than this fraction of samples cannot be decoded
+    max_bad_fraction: float = field(default=0.01, metadata={"range": PROBABILITY})
+    # re-reads of a remote shard whose connection or command fails part-way
+    read_retries: int = field(default=3, metadata={"range": NON_NEGATIVE})
+    # a remote read that receives nothing for this long counts as failed
+    read_timeout_s: float = field(default=30.0, metadata={"range": POSITIVE})
     # check the shards against their manifest at the start
     verify: Literal["off", "size", "sha256"] = field(default="size", metadata=MAY_CHANGE_ON_RESUME)
 
@@ -48,66 +87,74 @@ class DataConfig:
 class ModelConfig:
     type: Literal["ddpm", "vae"] = "ddpm"
     network: Literal["unet", "mlp", "dit"] = "unet"  # the DDPM's denoiser; mlp for 2-D points; dit: transformer
-    mlp_hidden: int = 128
-    mlp_depth: int = 3
-    patch_size: int = 2  # DiT only: must divide the resolution (and data.width)
-    dit_hidden: int = 64
-    dit_depth: int = 4
-    dit_heads: int = 4
-    base_channels: int = 32
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
-    num_res_blocks: int = 1
-    attention_resolutions: list[int] = field(default_factory=lambda: [4])
-    dropout: float = 0.0
-    num_classes: Optional[int] = None  # None: unconditional; else class-conditional with a null class
-    p_uncond: float = 0.1  # label dropout for classifier-free guidance
-    latent_channels: int = 4  # VAE only
+    mlp_hidden: int = field(default=128, metadata={"range": COUNT})
+    mlp_depth: int = field(default=3, metadata={"range": COUNT})
+    # DiT only: must divide the resolution (and data.width)
+    patch_size: int = field(default=2, metadata={"range": COUNT})
+    dit_hidden: int = field(default=64, metadata={"range": COUNT})
+    dit_depth: int = field(default=4, metadata={"range": COUNT})
+    dit_heads: int = field(default=4, metadata={"range": COUNT})
+    base_channels: int = field(default=32, metadata={"range": COUNT})
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2], metadata={"range": COUNT})
+    num_res_blocks: int = field(default=1, metadata={"range": COUNT})
+    attention_resolutions: list[int] = field(default_factory=lambda: [4], metadata={"range": COUNT})
+    dropout: float = field(default=0.0, metadata={"range": DECAY})
+    # None: unconditional; else class-conditional with a null class
+    num_classes: Optional[int] = field(default=None, metadata={"range": COUNT})
+    p_uncond: float = field(default=0.1, metadata={"range": PROBABILITY})  # label dropout for classifier-free guidance
+    latent_channels: int = field(default=4, metadata={"range": COUNT})  # VAE only
     likelihood: Literal["gaussian", "bernoulli", "discretized"] = "discretized"  # VAE only
-    kl_weight: float = 1.0  # VAE beta
+    kl_weight: float = field(default=1.0, metadata={"range": NON_NEGATIVE})  # VAE beta
     vae: Optional[str] = None  # latent DDPM: the VAE export (or run folder) that encoded data.shards and decodes
     vae_hash: Optional[str] = None  # filled in by `train` from the latent set (pipeline/latent.py)
-    latent_scale: Optional[float] = None  # filled in likewise: latents = posterior mean * latent_scale
+    # filled in likewise: latents = posterior mean * latent_scale
+    latent_scale: Optional[float] = field(default=None, metadata={"range": POSITIVE})
 
 
 @dataclass
 class DiffusionConfig:
     schedule: Literal["linear", "cosine", "sigmoid", "scaled_linear"] = "linear"
-    timesteps: int = 1000
+    timesteps: int = field(default=1000, metadata={"range": COUNT})
     prediction: Literal["eps", "x0", "v"] = "eps"
     weighting: Literal["none", "min_snr"] = "none"
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = field(default=5.0, metadata={"range": POSITIVE})
     sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"  # for the sample grids written during training
-    sample_steps: int = 50
-    guidance: float = 1.0
+    sample_steps: int = field(default=50, metadata={"range": COUNT})
+    guidance: float = field(default=1.0, metadata={"range": NON_NEGATIVE})
 
 
 @dataclass
 class TrainConfig:
-    steps: int = field(default=2000, metadata=MAY_CHANGE_ON_RESUME)
-    micro_batch: int = 64  # per rank
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0  # global gradient-norm clipping (0 = off), the same at every ZeRO stage
+    steps: int = field(default=2000, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
+    micro_batch: int = field(default=64, metadata={"range": COUNT})  # per rank
+    grad_accum: int = field(default=1, metadata={"range": COUNT})
+    lr: float = field(default=2e-3, metadata={"range": POSITIVE})
+    min_lr_ratio: float = field(default=0.1, metadata={"range": PROBABILITY})  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = field(default=100, metadata={"range": NON_NEGATIVE})
+    weight_decay: float = field(default=0.0, metadata={"range": NON_NEGATIVE})
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"range": DECAY})
+    # global gradient-norm clipping (0 = off), the same at every ZeRO stage
+    grad_clip: float = field(default=1.0, metadata={"range": NON_NEGATIVE})
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: int = 0
-    ema_decay: float = 0.999
-    ema_warmup_steps: int = 100  # EMA decay ramps as min(decay, (1 + n) / (10 + n)) over these steps
-    seed: int = 0
-    log_every: int = field(default=20, metadata=MAY_CHANGE_ON_RESUME)
-    ckpt_every: int = field(default=500, metadata=MAY_CHANGE_ON_RESUME)
-    keep_last: int = field(default=2, metadata=MAY_CHANGE_ON_RESUME)
-    sample_every: int = field(default=500, metadata=MAY_CHANGE_ON_RESUME)  # 0 = only at the end
-    num_sample_images: int = field(default=64, metadata=MAY_CHANGE_ON_RESUME)
+    zero_stage: int = field(default=0, metadata={"range": Range(0, 3)})
+    ema_decay: float = field(default=0.999, metadata={"range": PROBABILITY})
+    # EMA decay ramps as min(decay, (1 + n) / (10 + n)) over these steps
+    ema_warmup_steps: int = field(default=100, metadata={"range": NON_NEGATIVE})
+    seed: int = field(default=0, metadata={"range": SEED})
+    log_every: int = field(default=20, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
+    ckpt_every: int = field(default=500, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
+    keep_last: int = field(default=2, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
+    # 0 = only at the end
+    sample_every: int = field(default=500, metadata={"range": NON_NEGATIVE, **MAY_CHANGE_ON_RESUME})
+    num_sample_images: int = field(default=64, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
     # fused Triton loss on CUDA when auto
     loss_backend: Literal["auto", "torch", "triton"] = field(default="auto", metadata=MAY_CHANGE_ON_RESUME)
+    # torch's fused AdamW kernel (CPU and CUDA); false: its per-parameter loop
+    fused_adam: bool = field(default=True, metadata=MAY_CHANGE_ON_RESUME)
     # consecutive non-finite steps before stopping with an error
-    max_nonfinite: int = field(default=20, metadata=MAY_CHANGE_ON_RESUME)
+    max_nonfinite: int = field(default=20, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
     # testing aid: make these steps' loss NaN
-    fault_nonfinite_steps: list[int] = field(default_factory=list, metadata=MAY_CHANGE_ON_RESUME)
+    fault_nonfinite_steps: list[int] = field(default_factory=list, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
 
 
 @dataclass
@@ -124,6 +171,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder, expected a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         raw = yaml.safe_load(path.read_text()) or {}
@@ -139,7 +188,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def check_consistency(config: Config) -> None:
     """Rules that tie several keys together (one key's type is checked by `build`)."""
-    m, d = config.model, config.data
+    m, d, diff, t = config.model, config.data, config.diffusion, config.train
+    if diff.sample_steps > diff.timesteps:
+        raise ConfigError(f"config key diffusion.sample_steps: {diff.sample_steps} is out of range "
+                          f"(allowed: 1 to diffusion.timesteps = {diff.timesteps})")
+    if len(t.adam_betas) != 2:
+        raise ConfigError(f"config key train.adam_betas: {t.adam_betas!r} must hold two values (beta1, beta2)")
+    if not m.channel_mult:
+        raise ConfigError("config key model.channel_mult: [] must hold at least one multiplier")
     if m.type == "ddpm" and m.network == "dit":
         sizes = {d.resolution, d.width or d.resolution}
         if m.patch_size < 1 or any(s % m.patch_size for s in sizes):
@@ -172,15 +228,26 @@ def build(cls: type, raw: Any, prefix: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(fields)})"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
         kwargs[key] = check_value(hints[key], value, f"{prefix}{key}")
+        check_range(fields[key].metadata.get("range"), kwargs[key], f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def check_range(allowed: Range | None, value: Any, key: str) -> None:
+    """`value` (or each item of a list value) must lie in `allowed`; None values (Optional keys) are unset."""
+    if allowed is None or value is None:
+        return
+    for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+        if item not in allowed:
+            where = key if i is None else f"{key}[{i}]"
+            raise ConfigError(f"config key {where}: {item!r} is out of range (allowed: {allowed})")
 
 
 def check_value(hint: Any, value: Any, key: str) -> Any:

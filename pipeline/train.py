@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import socket
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-
+from pipeline.cli import input_file, output_folder
 from pipeline.config import Config, ConfigError, load_config, save_config, to_dict
 from pipeline.io import atomic_write_text
+from pipeline.lazy import lazy_import
+
+torch = lazy_import("torch")  # loaded by the first use, so `--help` and config errors answer at once
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun (requeue) to continue
 NOISE_STREAM_BASE = 1_000_000  # training noise streams; sampling uses 0..steps (see docs/ARCHITECTURE.md)
@@ -35,9 +37,10 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 600  # DeepSpeed's own default, now stated and ch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/tiny.yaml", help="YAML run config (default: configs/tiny.yaml)")
-    p.add_argument("--out", default=None, help="run folder for logs, checkpoints, exports and sample grids "
-                                               "(default: runs/<config name>)")
+    p.add_argument("--config", type=input_file, default="configs/tiny.yaml",
+                   help="YAML run config (default: configs/tiny.yaml)")
+    p.add_argument("--out", type=output_folder, default=None,
+                   help="run folder for logs, checkpoints, exports and sample grids (default: runs/<config name>)")
     p.add_argument("--resume", default="auto",
                    help="auto: continue from the newest complete checkpoint in the run folder if there is one "
                         "(re-running the same command resumes); never: refuse a run folder that has checkpoints; "
@@ -79,6 +82,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if device.type == "cpu" and local_rank == 0:
+            announce_compile("deepspeed_shm_comm", "DeepSpeed's shared-memory communication op for CPU ranks")
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    timeout=collective_timeout())
     return dist.get_rank(), dist.get_world_size(), device
@@ -96,6 +101,19 @@ def collective_timeout() -> timedelta:
     if not seconds > 0:
         raise ConfigError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: must be a number of seconds > 0")
     return timedelta(seconds=seconds)
+
+
+def announce_compile(op: str, what: str) -> None:
+    """DeepSpeed JIT-compiles `op` on first use, silently, for minutes: say what and why before it starts."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    cache = Path(root) / op if root else None  # without the variable torch picks a per-version folder
+    if cache is not None and (cache / f"{op}.so").is_file():
+        return
+    print(f"compiling {what} ({op}): once per cache folder, 1-4 minutes; cached in "
+          f"{cache or get_default_build_root()} (set TORCH_EXTENSIONS_DIR to share one cache between runs, the "
+          "demo and the tests)", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -119,53 +137,6 @@ def deepspeed_config(config: Config) -> dict:
     }
 
 
-def lr_lambda(config: Config):
-    t = config.train
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that clips by the global gradient norm, and skips (and counts) a non-finite update.
-
-    DeepSpeed calls `step()` on every rank at each accumulation boundary, at every ZeRO stage, with the
-    (unscaled) fp32 gradients this rank owns: all of them at ZeRO 0, its partition at ZeRO 1-3. Doing the
-    clipping here (DeepSpeed's own is set to 0) gives one definition of the norm at every stage, and the
-    pre-clipping norm for the logs. A non-finite loss shows up here too: its backward makes the gradients
-    non-finite, so the norm is.
-    """
-
-    def __init__(self, params, *, grad_clip: float, partitioned: bool, **kwargs):
-        super().__init__(params, **kwargs)
-        self.grad_clip, self.partitioned = grad_clip, partitioned
-        self.last_skipped, self.last_grad_norm = False, 0.0
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        import torch.distributed as dist
-
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        device = grads[0].device if grads else "cpu"
-        sumsq = torch.zeros(1, dtype=torch.float64, device=device)
-        if grads:  # one fused multi-tensor kernel, not one launch per parameter
-            sumsq += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
-        if self.partitioned and dist.is_initialized():
-            dist.all_reduce(sumsq)  # partitions are disjoint: their squared norms add up
-        norm = sumsq.sqrt().item()
-        self.last_grad_norm, self.last_skipped = norm, not math.isfinite(norm)
-        if self.last_skipped:
-            return None
-        if self.grad_clip > 0 and norm > self.grad_clip:
-            torch._foreach_mul_(grads, self.grad_clip / (norm + 1e-6))
-        return super().step(closure)
-
-
 # ---------------------------------------------------------------- the trainer
 
 class Trainer:
@@ -174,6 +145,7 @@ class Trainer:
 
         from pipeline.ema import EMA
         from pipeline.factory import build_model, build_schedule
+        from pipeline.optim import GuardedAdamW, lr_lambda
 
         self.config, self.run_dir = config, Path(run_dir)
         self.rank, self.world, self.device = init_distributed()
@@ -187,11 +159,14 @@ class Trainer:
         torch.manual_seed(t.seed * 1000 + self.rank + 1)  # dropout only; everything else is counter-based
         self.schedule = build_schedule(config).to(self.device) if config.model.type == "ddpm" else None
         optimizer = GuardedAdamW(model.parameters(), grad_clip=t.grad_clip, partitioned=t.zero_stage > 0,
-                                 lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+                                 lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
+                                 fused=t.fused_adam or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config),
             dist_init_required=False)
+        # one process, ZeRO 0: DeepSpeed's gradient all-reduce would flatten, "average" over 1 rank and copy back
+        self.engine.enable_backward_allreduce = self.world > 1 or t.zero_stage > 0
         self.optimizer = optimizer
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
         self.ema = EMA(self.engine.module, t.ema_decay, t.ema_warmup_steps)
@@ -200,6 +175,9 @@ class Trainer:
         self.stop_signal: int | None = None
         self.exported_step, self.last_export = -1, None
         self.saved_step = -1  # the step of the newest complete checkpoint this process wrote or resumed from
+        from pipeline.flops import flops_per_image, peak_tflops
+
+        self.flops_per_image, self.peak_tflops = flops_per_image(config), peak_tflops(self.device)  # for MFU
         if resume_from is not None:
             self.restore(resume_from)
         self.logger = self.open_run_folder()  # the first write to the run folder: a failed resume changes nothing
@@ -362,7 +340,9 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     rate = window_steps * images_per_step / (time.perf_counter() - window_start)
                     record = self.log(result, rate)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}",
+                                    tflops=f"{record['tflops']:.3g}",
+                                    **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % t.ckpt_every == 0 and self.step < t.steps:
                     self.checkpoint()
@@ -410,6 +390,9 @@ class Trainer:
         record = {"step": self.step, "loss": loss.item() / self.world, "lr": self.lr_scheduler.get_last_lr()[0],
                   "images_per_s": images_per_s, "nonfinite_skipped": self.nonfinite_total}
         record["grad_norm"] = self.optimizer.last_grad_norm  # before clipping
+        record["tflops"] = images_per_s * self.flops_per_image / 1e12  # model FLOPs (pipeline.flops), all ranks
+        if self.peak_tflops:  # model FLOPs utilisation of the data-sheet bf16 peak, per device
+            record["mfu"] = record["tflops"] / (self.peak_tflops * self.world)
         extras = result["extra"]
         if extras and "bucket_sums" in extras[0]:
             sums = torch.stack([e["bucket_sums"] for e in extras]).sum(0).to(self.comm_device())

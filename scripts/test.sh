@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# DeepSpeed JIT-compiles a CPU comm op on first use (~1-2 min): cache it inside the checkout.
+# DeepSpeed JIT-compiles a CPU comm op on first use (~1-4 min): cache it inside the checkout, in the same
+# folder as scripts/demo.sh (and tests/conftest.py for a bare pytest), so it compiles once for all three.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 python -m pytest tests -ra --durations=15 "$@"
 rc=$?

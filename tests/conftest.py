@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))  # as scripts/test.sh, demo.sh
 torch.set_num_threads(1)  # tiny tensors: one thread is ~100x faster than two on the 2-core CI machine
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from pipeline.cli import count, output_folder
 from pipeline.data import destination, shards, urls
 from pipeline.errors import PipelineError
 
@@ -126,6 +127,8 @@ def find_idx(folder: Path, stem: str) -> Path:
 
 def load_fashion_mnist_source(path: str | None, split: str) -> Source:
     folder = Path(path or FASHION_MNIST_DIR)
+    if folder.exists() and not folder.is_dir():
+        raise PrepareError(f"--path {folder} is a file; --source fashion-mnist needs the folder of its IDX files")
     if not folder.is_dir():
         raise PrepareError(f"Fashion-MNIST folder {folder} does not exist (apt-get install dataset-fashion-mnist, "
                            "or pass --path)")
@@ -162,8 +165,10 @@ def load_array_source(path: str | None) -> Source:
     if not path:
         raise PrepareError("--source npz needs --path to a .npz or .npy file")
     file = Path(path)
+    if file.is_dir():
+        raise PrepareError(f"--path {file} is a folder; --source npz needs a .npz or .npy file")
     if not file.is_file():
-        raise PrepareError(f"{file} does not exist")
+        raise PrepareError(f"--path {file} does not exist")
     try:
         loaded = np.load(file, allow_pickle=False)
     except (ValueError, OSError) as exn:
@@ -229,7 +234,8 @@ def load_folder_source(path: str | None) -> Source:
         raise PrepareError("--source folder needs --path to a folder of PNG/JPEG images")
     folder = Path(path)
     if not folder.is_dir():
-        raise PrepareError(f"{folder} is not a folder")
+        what = "is a file" if folder.exists() else "does not exist"
+        raise PrepareError(f"--path {folder} {what}; --source folder needs a folder of PNG/JPEG images")
     files = list_images(folder)
     if not files:
         raise PrepareError(f"{folder}: no .png/.jpg/.jpeg images found")
@@ -370,17 +376,23 @@ def prepare_remote(source: Source, target: destination.Destination, sharding: di
 
 
 # ---------------------------------------------------------------- CLI
+def out_location(text: str) -> str:
+    """--out: a remote location as given; a local one is checked like every output folder (pipeline.cli)."""
+    return text if urls.is_remote(text) else str(output_folder(text))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=SOURCES, default="digits",
                         help="where the images come from (default: digits, bundled with scikit-learn)")
     parser.add_argument("--path", default=None,
                         help=f"source location: IDX folder for fashion-mnist (default {FASHION_MNIST_DIR}), "
                              "image folder for folder, .npz/.npy file for npz")
-    parser.add_argument("--out", required=True, help="output folder for shard-%%06d.tar files and manifest.json: "
-                        "local, http(s)://HOST/DIR (HTTP PUT) or 'pipe:COMMAND {name}' (an upload command)")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+    parser.add_argument("--out", type=out_location, required=True,
+                        help="output folder for shard-%%06d.tar files and manifest.json: local, http(s)://HOST/DIR "
+                             "(HTTP PUT) or 'pipe:COMMAND {name}' (an upload command)")
+    parser.add_argument("--shard-size", type=count, default=DEFAULT_SHARD_SIZE,
                         help=f"most samples per shard (default {DEFAULT_SHARD_SIZE})")
-    parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
+    parser.add_argument("--max-shard-bytes", type=count, default=DEFAULT_MAX_SHARD_BYTES,
                         help=f"most bytes per shard file (default {DEFAULT_MAX_SHARD_BYTES})")
     parser.add_argument("--split", choices=tuple(IDX_PREFIX), default=None,
                         help="fashion-mnist split (default train); other sources have none")

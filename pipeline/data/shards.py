@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from pipeline.errors import PipelineError
@@ -113,6 +112,8 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> d
 
     Generation uses this directly to write shards with fixed sample-id ranges.
     """
+    import webdataset as wds  # here, not at the top: webdataset imports torch (2-45 s), `prepare --help` need not
+
     path = Path(path)
     count = 0
     with atomic_open(path) as f:

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.data import shards, urls
 from pipeline.evaluation import EvaluationError
+from pipeline.lazy import lazy_import
+
+torch = lazy_import("torch")  # `evaluate` checks set sizes before torch loads
 
 
 @dataclass
@@ -62,17 +64,28 @@ def _decode(sample: dict) -> tuple[np.ndarray, int, int]:
     return image, sample["__label__"], int(sample["__key__"])
 
 
+def _manifest(folder: str) -> dict:
+    if not urls.is_remote(folder) and os.path.exists(folder) and not os.path.isdir(folder):
+        raise EvaluationError(f"{folder} is a file; a shard set is a folder with manifest.json")
+    if not urls.is_remote(folder) and not os.path.isdir(folder):
+        raise EvaluationError(f"shard set folder {folder} does not exist")
+    try:
+        return (urls.read_manifest(urls.join(folder, shards.MANIFEST_NAME)) if urls.is_remote(folder)
+                else shards.read_manifest(folder))
+    except (shards.ManifestError, urls.RemoteReadError) as error:
+        raise EvaluationError(str(error)) from None
+
+
+def set_size(folder: Path | str) -> int:
+    """The number of samples a shard set's manifest lists."""
+    return _manifest(urls.local_path(folder))["num_samples"]
+
+
 def read_image_set(folder: Path | str, num: int | None = None, seed: int = 0) -> ImageSet:
     """All samples, or min(num, size) of them chosen uniformly without replacement by `seed`
     (same seed, same subset)."""
     folder = urls.local_path(folder)
-    if not urls.is_remote(folder) and not os.path.isdir(folder):
-        raise EvaluationError(f"shard set folder {folder} does not exist")
-    try:
-        manifest = (urls.read_manifest(urls.join(folder, shards.MANIFEST_NAME)) if urls.is_remote(folder)
-                    else shards.read_manifest(folder))
-    except (shards.ManifestError, urls.RemoteReadError) as error:
-        raise EvaluationError(str(error)) from None
+    manifest = _manifest(folder)
     total = manifest["num_samples"]
     if num is not None and num < 1:
         raise EvaluationError(f"the number of samples to read must be positive, got {num}")

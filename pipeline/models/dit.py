@@ -83,7 +83,7 @@ class DiT(nn.Module):
             return c
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.int64, device=c.device)
-        if not y.is_cuda and (y.min() < 0 or y.max() > self.num_classes):  # host check only: no per-step sync
+        if y.device.type == "cpu" and (y.min() < 0 or y.max() > self.num_classes):  # host only: no per-step sync
             raise ValueError(f"class ids must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
         return c + self.class_embed(y)
 

@@ -80,3 +80,57 @@ def test_shape_is_a_view_of_the_flat_sample():
 def test_bad_seed_is_refused(bad):
     with pytest.raises(ValueError, match="seed"):
         randn(bad, 0, torch.tensor([0]), (4,))
+
+
+# The Philox of the previous release (16-bit split products, out-of-place ops): the vectorised version in
+# kernels/noise.py must give exactly its bits, noise included (the determinism contract across versions).
+def _umul32_oracle(a, b):
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * b_hi, a * b_lo
+    return ((p_hi + (p_lo >> 16)) >> 16) & 0xFFFFFFFF, (((p_hi & 0xFFFF) << 16) + p_lo) & 0xFFFFFFFF
+
+
+def _philox_oracle(counter, key):
+    from kernels import noise
+
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        hi_b, lo_b = _umul32_oracle(noise.PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _umul32_oracle(noise.PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + noise.PHILOX_KEY_A) & 0xFFFFFFFF, (k1 + noise.PHILOX_KEY_B) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def _randn_oracle(seed, stream, sample_ids, numel):
+    from kernels import noise
+
+    groups = (numel + 3) // 4
+    c0, c1 = torch.broadcast_tensors(torch.arange(groups).unsqueeze(0), sample_ids.unsqueeze(1))
+    words = _philox_oracle((c0, c1, torch.full_like(c0, stream), torch.zeros_like(c0)), noise.seed_key(seed))
+    uniforms = []
+    for w in words:
+        signed = torch.where(w >= 2**31, w - 2**32, w)
+        folded = torch.where(signed < 0, ~signed, signed)
+        uniforms.append(folded.to(torch.float32) * torch.tensor(noise.UNIFORM_SCALE, dtype=torch.float32))
+    n0, n1 = noise.pair_uniform_to_normal(uniforms[0], uniforms[1])
+    n2, n3 = noise.pair_uniform_to_normal(uniforms[2], uniforms[3])
+    return torch.stack((n0, n1, n2, n3), dim=-1).reshape(len(sample_ids), groups * 4)[:, :numel]
+
+
+def test_vectorised_philox_is_bit_identical_to_the_previous_one():
+    g = torch.Generator().manual_seed(0)
+    counter = [torch.randint(0, 2**32, (4096,), generator=g) for _ in range(4)]
+    for c in counter:  # the words where sign and carry handling could go wrong
+        c[:5] = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1])
+    for key in [(0, 0), (0xFFFFFFFF, 0xFFFFFFFF), (0x9E3779B9, 12345)]:
+        for fast, slow in zip(philox4x32(counter, key), _philox_oracle(counter, key)):
+            assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("seed, stream, shape", [(0, 5, (1, 8, 8)), (2**64 - 1, 2**32 - 1, (3, 7, 5))])
+def test_randn_is_bit_identical_to_the_previous_release(seed, stream, shape):
+    ids = torch.tensor([0, 1, 2**31, 2**32 - 1, 77])
+    expected = _randn_oracle(seed, stream, ids, int(torch.tensor(shape).prod()))
+    assert torch.equal(randn(seed, stream, ids, shape).reshape(len(ids), -1), expected)

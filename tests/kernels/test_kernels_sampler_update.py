@@ -101,3 +101,18 @@ def test_sampling_loop_captured_in_cuda_graph_matches_eager():
     table[:, 5] = 0.0  # coefficients are read from the device at replay time: change them, no re-capture
     graph.replay()
     torch.testing.assert_close(static_out, loop(x_start.clone()), atol=0, rtol=0)
+
+
+def test_reference_draws_noise_only_where_sigma_is_nonzero(monkeypatch):
+    """Deterministic steps (sigma = 0: DDIM eta=0, DPM-Solver++) cost no Philox work on CPU either."""
+    import sys
+
+    module = sys.modules["kernels.sampler_update"]  # `kernels.sampler_update` is also the function's name
+    calls = []
+    real_randn = module.randn
+    monkeypatch.setattr(module, "randn", lambda *a: calls.append(a) or real_randn(*a))
+    x_t, out = (random_batch(4, (1, 8, 8), torch.float32, s) for s in (1, 2))
+    for sigma in (0.0, 0.5):
+        sampler_update_reference(x_t, out, coefficient_row(sigma), "eps", seed=3,
+                                 sample_ids=torch.arange(4, device=DEVICE), stream=2)
+    assert len(calls) == 1 and calls[0][:2] == (3, 2)

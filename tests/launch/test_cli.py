@@ -55,11 +55,23 @@ def test_dry_run_on_cpu_uses_the_requested_tasks(capsys, tmp_path):
     (["train", "--time", "1", "--signal-delay", "90", "--dry-run", "--", "--out", "r"], "signal_delay_s (90)"),
     (["generate", "--array", "2", "--dry-run", "--", "--out", "g", "--task-index", "0"],
      "remove --task-index"),
-    (["generate", "--array", "0", "--dry-run", "--", "--out", "g"], "--array must be >= 1"),
 ])
 def test_bad_arguments_name_what_is_wrong(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("argv, message", [  # refused while parsing (argparse types from pipeline.cli)
+    (["generate", "--array", "0", "--dry-run", "--", "--out", "g"], "argument --array: 0 is out of range"),
+    (["train", "--nodes", "0", "--dry-run", "--", "--out", "r"], "argument --nodes: 0 is out of range (allowed: >= 1)"),
+    (["train", "--time", "soon", "--dry-run", "--", "--out", "r"], "argument --time: 'soon' is not an integer"),
+])
+def test_bad_flag_values_are_one_line_at_parse(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 

@@ -11,6 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import complete_checkpoints, load_for_inference
+from pipeline.config import load_config
+from pipeline.flops import flops_per_image
 from tests.train.conftest import REPO, read_log, run_training, train_command
 
 
@@ -63,6 +65,8 @@ def test_training_learns_and_writes_every_artifact(tmp_path, digits_shards):
     first, last = sum(r["loss"] for r in log[:10]) / 10, sum(r["loss"] for r in log[-10:]) / 10
     assert last < 0.8 * first, (first, last)
     assert {"step", "loss", "lr", "grad_norm", "images_per_s", "loss_t_q0", "loss_t_q3"} <= log[-1].keys()
+    per_image = flops_per_image(load_config(run / "config.yaml"))  # the log reports TFLOP/s from model FLOPs
+    assert log[-1]["tflops"] == pytest.approx(log[-1]["images_per_s"] * per_image / 1e12)
     assert [c.name for c in complete_checkpoints(run)] == ["step-0000100", "step-0000150"]  # last K kept
     assert (run / "samples" / "latest.png").stat().st_size > 0
     assert (run / "config.yaml").exists() and list((run / "tb").iterdir())
