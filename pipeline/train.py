@@ -50,9 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)  # first: a bad key answers before torch loads
     from pipeline.latent import resolve_latent_config
 
-    config = resolve_latent_config(load_config(args.config, args.overrides))
+    config = resolve_latent_config(config)
     run_dir = Path(args.out or f"runs/{config.name}")
     try:
         return Trainer(config, run_dir, resume=args.resume).fit()
