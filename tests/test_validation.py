@@ -120,8 +120,7 @@ def test_prepare_flags_are_checked_and_nothing_is_written(tmp_path, flags, parts
 def test_prepare_out_that_is_a_file_is_refused_at_parse(tmp_path):
     (tmp_path / "f.txt").write_text("x")
     proc = pipeline_cli("prepare", "--out", tmp_path / "f.txt")
-    # prepare imports pipeline.data.urls (webdataset, so torch) at the top: not torch-free (yet)
-    assert_one_line_error(proc, "argument --out", "is a file, expected a folder", torch_free=False)
+    assert_one_line_error(proc, "argument --out", "is a file, expected a folder")
 
 
 @pytest.fixture(scope="module")

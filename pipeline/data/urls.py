@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import json
 import logging
 import os
@@ -30,10 +31,15 @@ from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import webdataset as wds
-from webdataset.gopen import Pipe, gopen, gopen_schemes
-
 from pipeline.errors import PipelineError
+from pipeline.lazy import lazy_import
+
+wds = lazy_import("webdataset")  # webdataset imports torch: load it on first use, not for `--help`
+
+
+def _gopen() -> Any:
+    """webdataset's gopen module (`wds.gopen` is the function of the same name)."""
+    return importlib.import_module("webdataset.gopen")
 
 logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10
@@ -122,35 +128,37 @@ def expand(pattern: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- opening
-def curl(url: str, mode: str = "rb", bufsize: int = 8192, timeout_s: float = DEFAULT_TIMEOUT_S, **_: Any) -> Pipe:
+def curl(url: str, mode: str = "rb", bufsize: int = 8192, timeout_s: float = DEFAULT_TIMEOUT_S, **_: Any):
     """webdataset's curl opener with bounded waits and no curl-level retries; HTTP errors fail (-f)."""
     bounded = ["curl", "--connect-timeout", str(CONNECT_TIMEOUT_S), "--speed-limit", "1",
                "--speed-time", str(max(1, round(timeout_s))), "-f", "-s", "-S", "-L"]
     if mode[0] == "r":
-        return Pipe([*bounded, url], mode=mode, bufsize=bufsize, ignore_status=[141, 23], stderr=subprocess.PIPE)
+        return _gopen().Pipe([*bounded, url], mode=mode, bufsize=bufsize, ignore_status=[141, 23], stderr=subprocess.PIPE)
     if mode[0] == "w":
-        return Pipe([*bounded, "-T", "-", url], mode=mode, bufsize=bufsize, ignore_status=[141],
+        return _gopen().Pipe([*bounded, "-T", "-", url], mode=mode, bufsize=bufsize, ignore_status=[141],
                     stderr=subprocess.PIPE)
     raise ValueError(f"{mode}: unknown mode")
 
 
-# gopen_schemes is webdataset's dispatch table: every gopen in the process (also inside wds.WebDataset) now
-# reads http(s) with bounded waits instead of curl's 30 retries of 2 s each.
-gopen_schemes.update(http=curl, https=curl)
+def use_bounded_curl() -> None:
+    """gopen_schemes is webdataset's dispatch table: every gopen in the process (also inside wds.WebDataset)
+    then reads http(s) with bounded waits instead of curl's 30 retries of 2 s each."""
+    _gopen().gopen_schemes.update(http=curl, https=curl)
 
 
 def open_url(url: str, mode: str = "rb", timeout_s: float = DEFAULT_TIMEOUT_S) -> BinaryIO:
     if scheme(url) in ("http", "https"):
         return curl(url, mode, timeout_s=timeout_s)
+    use_bounded_curl()
     try:
-        return gopen(local_path(url), mode)
+        return _gopen().gopen(local_path(url), mode)
     except ValueError as exn:  # gopen's word for an unknown scheme
         raise RemoteReadError(f"cannot open {url}: {exn}") from None
 
 
 def failure(stream: Any, wait_s: float = 5.0) -> str | None:
     """Why a command stream failed (its exit status and error output), or None when it did not (yet)."""
-    if not isinstance(stream, Pipe):
+    if not isinstance(stream, _gopen().Pipe):
         return None
     try:
         status = stream.proc.wait(wait_s)
@@ -164,7 +172,7 @@ def failure(stream: Any, wait_s: float = 5.0) -> str | None:
 
 def close_quietly(stream: Any) -> None:
     """Close a stream; a command still running (its reader stopped early) is ended, and its status ignored."""
-    if not isinstance(stream, Pipe):
+    if not isinstance(stream, _gopen().Pipe):
         stream.close()
         return
     stream.stream.close()
@@ -204,7 +212,7 @@ def read_bytes(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
     """The whole content at `url`; a RemoteReadError naming the URL when it cannot be read completely."""
     try:
         with opened(url, timeout_s) as stream:
-            data = stream.stream.read() if isinstance(stream, Pipe) else stream.read()
+            data = stream.stream.read() if isinstance(stream, _gopen().Pipe) else stream.read()
             reason = failure(stream, wait_s=timeout_s)
             if reason:
                 raise RemoteReadError(f"{url}: {reason}")
