@@ -134,6 +134,9 @@ def _likelihood(args: argparse.Namespace) -> dict:
     from pipeline.evaluation.shardset import read_image_set
 
     inference = load_for_inference(args.checkpoint, device=args.device)  # CheckpointError is a user error
+    if inference.vae is not None:
+        raise EvaluationError(f"--checkpoint {args.checkpoint} is a latent model: its bound is over latents, not "
+                              "the --real images; evaluate its samples with --fake (likelihood: not supported)")
     kind = inference.config.model.type
     other = [n for n in (DDPM_ONLY if kind == "vae" else VAE_ONLY) if getattr(args, n) is not None]
     if other:

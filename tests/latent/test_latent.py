@@ -116,6 +116,8 @@ def test_latent_ddpm_trains_and_generates_decoded_images_identical_across_splits
     report = run_module("pipeline", "evaluate", "--real", str(digits_shards), "--fake", str(tmp_path / "one"))
     result = json.loads(report.stdout.strip().splitlines()[-1])
     assert result["num_fake"] == 24 and np.isfinite(result["fd_digitsnet"])
+    refused = run_module("pipeline", "evaluate", "--real", str(digits_shards), "--checkpoint", str(run), check=False)
+    assert refused.returncode == 2 and "is a latent model" in refused.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("overrides,message", [
