@@ -6,6 +6,8 @@ Layout inside a run folder:
                 COMPLETE                     written last, by rank 0, after every rank finished writing and
                                              every file was fsynced: format, step, world size, config, the
                                              size of every file (resume checks them, and each .pt's CRCs).
+                universal/                   added by the first resume at another world size: DeepSpeed's
+                                             world-size independent form of the state (pipeline/elastic.py).
   export/ema-step-0000500.safetensors  EMA weights + resolved config + model hash in the metadata,
          latest.safetensors            a copy of the newest export.
 A checkpoint without COMPLETE (a run killed while writing) is never resumed from.
@@ -221,9 +223,9 @@ def load_checkpoint(engine, ckpt: Path, rank: int, world_size: int) -> dict:
     """Restore DeepSpeed state from `ckpt` and return this rank's run state (see RunState)."""
     info = checkpoint_meta(ckpt)
     if info["world_size"] != world_size:
-        raise CheckpointError(
-            f"checkpoint {ckpt} was written by {info['world_size']} ranks, this run has {world_size}: "
-            "resume with the same number of ranks (or start a new run folder)")
+        from pipeline.elastic import load_resized
+
+        return load_resized(engine, ckpt, rank, world_size)
     try:
         path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)

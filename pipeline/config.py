@@ -126,8 +126,9 @@ class DiffusionConfig:
 @dataclass
 class TrainConfig:
     steps: int = field(default=2000, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
-    micro_batch: int = field(default=64, metadata={"range": COUNT})  # per rank
-    grad_accum: int = field(default=1, metadata={"range": COUNT})
+    # per rank; with grad_accum they may change on resume as long as the global batch stays (pipeline/elastic.py)
+    micro_batch: int = field(default=64, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
+    grad_accum: int = field(default=1, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
     lr: float = field(default=2e-3, metadata={"range": POSITIVE})
     min_lr_ratio: float = field(default=0.1, metadata={"range": PROBABILITY})  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = field(default=100, metadata={"range": NON_NEGATIVE})

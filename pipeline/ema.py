@@ -14,6 +14,18 @@ def local_data(param: torch.nn.Parameter) -> torch.Tensor:
     return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
 
 
+def partition(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full` (a whole tensor shaped like `param`), laid out as `local_data(param)`: at
+    ZeRO-3 the rank's slice of the flattened tensor, zero-padded to the partition size."""
+    if not hasattr(param, "ds_tensor"):
+        return full.detach().float().clone()
+    import torch.distributed as dist
+
+    size = param.ds_tensor.ds_numel
+    flat = full.detach().float().flatten()[size * dist.get_rank():size * (dist.get_rank() + 1)]
+    return torch.cat([flat, flat.new_zeros(size - flat.numel())])
+
+
 class EMA:
     def __init__(self, module: torch.nn.Module, decay: float, warmup_steps: int):
         self.decay, self.warmup_steps = decay, warmup_steps

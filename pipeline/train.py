@@ -150,11 +150,15 @@ class Trainer:
 
         self.config, self.run_dir = config, Path(run_dir)
         self.rank, self.world, self.device = init_distributed()
-        t = config.train
-        if t.precision == "fp16" and self.device.type != "cuda":
+        if config.train.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); "
                               "use fp32 or bf16 on CPU")
         resume_from = self.find_resume_point(resume)
+        if resume_from is not None:  # the global batch is the run's: fit the micro-batch to this world size
+            from pipeline.elastic import fit_global_batch
+
+            config = self.config = fit_global_batch(config, resume_from, self.world)
+        t = config.train
         torch.manual_seed(t.seed)  # the same initial weights on every rank (ZeRO-3 partitions local copies)
         model = build_model(config)
         torch.manual_seed(t.seed * 1000 + self.rank + 1)  # dropout only; everything else is counter-based
@@ -250,20 +254,12 @@ class Trainer:
                                seed=t.seed, rank=self.rank, world_size=self.world, num_workers=d.num_workers,
                                shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, resampled=d.resampled,
                                max_bad_fraction=d.max_bad_fraction, fit=d.fit, retries=d.read_retries,
-                               timeout_s=d.read_timeout_s, verify=d.verify)
+                               timeout_s=d.read_timeout_s, verify=d.verify, grad_accum=t.grad_accum, endless=True)
 
     def batches(self):
-        """Micro-batches forever, epoch after epoch (the loader knows its own position)."""
-        while True:
-            produced = False
-            for batch in self.loader:
-                # a worker's last batch of an epoch is usually partial: drop it, so every micro-batch has the
-                # same size on every rank and the global sample ids (noise, timesteps) never overlap
-                if len(batch.labels) == self.config.train.micro_batch:
-                    produced = True
-                    yield batch
-            if not produced:
-                raise RuntimeError(f"rank {self.rank}: the loader produced no batch from {self.config.data.shards}")
+        """Micro-batches forever. The loader is endless (epoch runs into epoch inside its global order), so every
+        micro-batch is full and each rank's is its slot of the step's global batch (see Trainer.micro_loss)."""
+        return iter(self.loader)
 
     # -- one optimisation step
     def micro_loss(self, batch, accum_index: int) -> tuple[torch.Tensor, dict]:

@@ -1,36 +1,38 @@
-"""Streaming loader over the shard format: split by node and worker, seeded shuffle, exact resume.
+"""Streaming loader over the shard format: one seeded global order, dealt out to ranks and workers; exact resume.
 
-How a stream is built. The shards are the *units of reading*; the (rank, worker) pairs are the *units of
-work* (`units = world_size * workers`, unit = rank * workers + worker). For epoch e:
-- finite mode: the shard list is permuted by (seed, e), the same on every rank. With at least as many
-  shards as units, unit u reads shards u, u+units, ... of that order. With fewer shards than units (a small
-  data set on many ranks x workers), every unit reads every shard and keeps the samples whose position in
-  the epoch's stream is u modulo units, so no unit idles and every sample is still seen exactly once.
-- resampled mode (`resampled=True`, for multi-node training): each unit draws ceil(shards/units) shards
-  with replacement, seeded by (seed, e, unit), and goes on to epoch e+1 by itself: an infinite stream.
-Each unit then shuffles its samples through a buffer seeded by (seed, e, unit), decodes them, and emits
-batches; torch's DataLoader merges the workers round-robin.
+The global stream. Epoch e reads the shards in an order permuted by (seed, e) (resampled: drawn with
+replacement), through one shuffle buffer seeded by (seed, e); samples without a png drop out. That sequence is
+the same for every world size, worker count and batch split. It is dealt out in global batches of
+micro_batch x world_size x grad_accum positions: micro-batch slot s = accum * world_size + rank takes positions
+[s * micro_batch, (s+1) * micro_batch) of each global batch (the slice the trainer numbers sample ids and draws
+noise for), and a rank's micro-batches go round-robin to its DataLoader workers. Every worker reads the whole
+stream (tar bytes, cheap) and decodes only what it owns (the expensive part), so the global batches, and the
+model trained on them, do not depend on how many ranks or workers share the work. The cost: each worker reads
+every shard's bytes; that is cheap from a local or shared file system and grows with the workers over a network.
+A finite loader yields one epoch per `iter()` (its last global batch partial); an endless one (the trainer's,
+and every resampled one) runs epoch into epoch, so a global batch may span two and no sample is ever dropped.
 
-Resume. A batch carries its worker's position: how many raw samples it has taken from its shuffled
-stream. `state_dict()` records, per worker, the position of the last batch handed out, and which worker
-comes next. Restoring rebuilds each worker's stream for its epoch, skips that many raw samples (reading
-the tar, not decoding) and starts DataLoader's round-robin at the right worker, so the batches that follow
-are exactly those an uninterrupted run would have produced (for the same world size and worker count).
+Resume. The position is a cursor: an epoch, an offset into its stream, and how many micro-batches this rank
+has taken since. At a global batch boundary the micro-batches fold into the offset, which then names a point
+of the global stream alone: restoring it under another world size, worker count or micro-batch split of the
+same global batch continues the same stream, every sample of the epoch in progress seen exactly once. Restoring
+rebuilds the stream from the epoch's start and reads (without decoding) up to the offset.
 
 Bad data. At the start the shard folder is checked against its manifest (`verify`: "size" stats every
 shard and looks for unlisted ones, "sha256" also hashes every shard, "off" skips it): a mismatch is a
 LoaderError. While reading, `shards.read_shard` (the one strict reader) delivers only complete samples
 whose key is one of the shard's ids and whose label the manifest allows, each at most once, and
 resynchronises after a damaged tar header; the samples of a shard it could not deliver are counted
-exactly (manifest count - delivered) and logged with their keys, as are samples whose PNG does not decode.
+exactly (manifest count - delivered) and logged with their keys, as are samples whose PNG does not decode (the next sample its worker owns takes
+the place of one of those); read problems are reported once, by the owner of where they happened.
 More bad than `max_bad_fraction` of the samples raises TooManyBadSamples.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
-import math
 import os
 import random
 from dataclasses import dataclass, field, replace
@@ -47,7 +49,7 @@ from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 FITS = ("resize", "pad")
-STATE_VERSION = 1
+STATE_VERSION = 2
 MIN_SAMPLES_FOR_RUNNING_CHECK = 1000  # when the expected count is unknown, wait this long before judging
 
 
@@ -199,38 +201,58 @@ def seeded_rng(*parts: Any) -> random.Random:
     return random.Random(":".join(map(str, parts)))
 
 
-# ---------------------------------------------------------------- planning an epoch
-@dataclass
-class UnitPlan:
-    """What one (rank, worker) unit reads in one epoch."""
-
-    shards: list[ShardInfo]
-    reports: list[bool]  # whether this unit reports the read errors of each shard (one unit per shard does)
-    sample_split: tuple[int, int] | None = None  # (units, unit): keep stream positions == unit mod units
-
-    def expected(self) -> int | None:
-        counts = [s.num_samples for s in self.shards]
-        if None in counts:
-            return None
-        if self.sample_split is None:
-            return sum(counts)
-        units, unit = self.sample_split
-        return len(range(unit, sum(counts), units))
-
-
-def plan_unit(shards: list[ShardInfo], *, seed: int, epoch: int, unit: int, units: int,
-              resampled: bool) -> UnitPlan:
+# ---------------------------------------------------------------- the global order and how it is dealt out
+def epoch_shards(shards: list[ShardInfo], *, seed: int, epoch: int, resampled: bool) -> list[ShardInfo]:
+    """The shards of `epoch` in reading order, the same on every rank and worker: a seeded permutation, or
+    (resampled) as many seeded draws with replacement."""
     if resampled:
-        rng = seeded_rng(seed, epoch, unit, "resample")
-        picks = [shards[rng.randrange(len(shards))] for _ in range(math.ceil(len(shards) / units))]
-        return UnitPlan(picks, [True] * len(picks))
+        rng = seeded_rng(seed, epoch, "resample")
+        return [shards[rng.randrange(len(shards))] for _ in shards]
     order = list(range(len(shards)))
     seeded_rng(seed, epoch, "shard-order").shuffle(order)
-    if len(shards) >= units:
-        mine = [shards[i] for i in order[unit::units]]
-        return UnitPlan(mine, [True] * len(mine))
-    reports = [position % units == unit for position in range(len(order))]
-    return UnitPlan([shards[i] for i in order], reports, (units, unit))
+    return [shards[i] for i in order]
+
+
+@dataclass(frozen=True)
+class Split:
+    """How the global stream is dealt out: global batches of micro_batch x world_size x grad_accum positions;
+    in each, micro-batch slot s = accum * world_size + rank covers positions [s * micro_batch, (s+1) * micro_batch)
+    (the slice the trainer gives sample ids and noise); a rank's micro-batches go round-robin to its workers."""
+
+    micro_batch: int
+    world_size: int
+    grad_accum: int
+    workers: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.world_size * self.grad_accum
+
+    def owner(self, position: int) -> tuple[int, int]:
+        """(rank, that rank's micro-batch index) of a position counted from a global batch's start."""
+        batch, slot = divmod(position, self.global_batch)
+        accum, rank = divmod(slot // self.micro_batch, self.world_size)
+        return rank, batch * self.grad_accum + accum
+
+    def share(self, rank: int, count: int) -> int:
+        """How many of positions 0..count-1 belong to `rank`."""
+        full, rest = divmod(count, self.global_batch)
+        mine = full * self.grad_accum * self.micro_batch
+        for accum in range(self.grad_accum):
+            lo = (accum * self.world_size + rank) * self.micro_batch
+            mine += max(0, min(rest, lo + self.micro_batch) - lo)
+        return mine
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where this rank's next micro-batch starts: `micro` micro-batches past position `offset` of `epoch`'s
+    stream (offsets may run past the epoch's end, into the next). With micro == 0 it names a point of the
+    global stream alone, independent of the world size, workers and micro-batch size."""
+
+    epoch: int
+    offset: int = 0
+    micro: int = 0
 
 
 # ---------------------------------------------------------------- one unit's stream (runs in a worker)
@@ -240,17 +262,17 @@ class BadEvent:
     reason: str
     count: int  # samples lost (a truncated shard loses several)
     epoch: int
-    at: int  # raw samples the unit had taken from its shuffled stream of that epoch when this happened
+    at: int  # raw samples taken from the epoch's shuffled stream when this happened
 
 
 @dataclass
 class Item:
-    """What a worker sends: a batch (maybe empty) plus its position and the bad samples met since the last."""
+    """What a worker sends: a micro-batch (maybe empty), its index, and the bad samples met since the last."""
 
     worker: int
-    epoch: int
-    consumed: int
-    done: bool
+    micro: int  # this rank's micro-batch index, counted from the cursor the stream started at
+    done: bool  # finite mode: the epoch has nothing more for this worker
+    epoch: tuple[int, int]  # (epoch, its first position counted from the start cursor's epoch) read last
     images: torch.Tensor | None
     labels: torch.Tensor | None
     keys: list[str]
@@ -259,7 +281,7 @@ class Item:
 
 @dataclass
 class Progress:
-    """A unit's position: its epoch and the raw samples taken from that epoch's shuffled stream."""
+    """Raw samples taken so far from an epoch's shuffled stream."""
 
     epoch: int
     consumed: int = 0
@@ -294,19 +316,15 @@ class ShardRead:
         return replace(report, damage=report.damage + [self.error] if self.error else report.damage)
 
 
-def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress, retries: int = urls.DEFAULT_RETRIES,
-              timeout_s: float = urls.DEFAULT_TIMEOUT_S) -> Iterator[dict[str, Any]]:
-    """Samples of the plan's shards, in order, from the strict reader; what a shard could not deliver
-    becomes one BadEvent (counting its lost samples exactly), never an exception."""
-    position = 0
-    for shard, reports in zip(plan.shards, plan.reports):
+def read_plan(shards: list[ShardInfo], events: list[BadEvent], progress: Progress,
+              retries: int = urls.DEFAULT_RETRIES, timeout_s: float = urls.DEFAULT_TIMEOUT_S) -> Iterator[dict[str, Any]]:
+    """Samples of the shards, in order, from the strict reader; what a shard could not deliver becomes one
+    BadEvent (counting its lost samples exactly), never an exception."""
+    for shard in shards:
         read = ShardRead(shard, retries, timeout_s)
-        for sample in read:
-            if plan.sample_split is None or position % plan.sample_split[0] == plan.sample_split[1]:
-                yield sample
-            position += 1
+        yield from read
         report = read.report
-        if reports and (report.lost or report.damage or report.ignored):
+        if report.lost or report.damage or report.ignored:
             events.append(BadEvent(urls.file_name(shard.path), report.summary(), report.lost, progress.epoch,
                                    progress.consumed))
 
@@ -314,17 +332,16 @@ def read_plan(plan: UnitPlan, events: list[BadEvent], progress: Progress, retrie
 @dataclass
 class StreamConfig:
     shards: list[ShardInfo]
-    batch_size: int
+    split: Split
     resolution: tuple[int, int]  # (height, width)
     channels: int
     fit: str
     seed: int
     rank: int
-    world_size: int
-    workers: int  # logical workers per rank (1 when num_workers == 0)
     shuffle_buffer: int
     hflip: bool
     resampled: bool
+    endless: bool  # epochs follow each other without a break (a global batch may span two)
     retries: int = urls.DEFAULT_RETRIES  # re-reads of a remote shard that fails part-way
     timeout_s: float = urls.DEFAULT_TIMEOUT_S  # a remote read idle this long counts as dropped
 
@@ -332,71 +349,77 @@ class StreamConfig:
 class UnitStream(torch.utils.data.IterableDataset):
     """The per-worker iterable handed to DataLoader: each worker plays one logical worker.
 
-    `rotation` shifts DataLoader worker i to logical worker (i + rotation) % workers, so a resumed run's
-    round-robin starts at the worker that was due next.
+    Every worker reads the whole global stream (tar bytes) and decodes only the positions it owns. `rotation`
+    shifts DataLoader worker i to logical worker (i + rotation) % workers, so the round-robin starts at the
+    worker that owns the cursor's micro-batch.
     """
 
-    def __init__(self, config: StreamConfig, positions: list[dict[str, Any]], rotation: int):
+    def __init__(self, config: StreamConfig, cursor: Cursor):
         super().__init__()
-        self.config, self.positions, self.rotation = config, positions, rotation
+        self.config, self.cursor = config, cursor
 
     def __iter__(self) -> Iterator[Item]:
         info = torch.utils.data.get_worker_info()
-        worker = 0 if info is None else (info.id + self.rotation) % self.config.workers
-        start = self.positions[worker]
-        if start["done"]:
-            return
-        resume = (start["epoch"], start["consumed"])
-        progress, events = Progress(start["epoch"]), []
-        images, labels, keys = [], [], []
+        c, workers = self.config, self.config.split.workers
+        worker = 0 if info is None else (info.id + self.cursor.micro) % workers
+        micro = self.cursor.micro + (worker - self.cursor.micro) % workers  # the first micro-batch it owns
+        batch, found, epoch = [], [], (self.cursor.epoch, 0)
 
         def emit(done: bool) -> Item:
-            # Events before the restored position were already counted by the run that saved it.
-            fresh = [e for e in events if (e.epoch, e.at) >= resume]
-            events.clear()
-            batch = to_batch(images) if keys else None
-            label_tensor = torch.tensor(labels, dtype=torch.int64) if keys else None
-            return Item(worker, progress.epoch, progress.consumed, done, batch, label_tensor, list(keys), fresh)
+            keys = [key for _, _, key in batch]
+            images = to_batch([image for image, _, _ in batch]) if batch else None
+            labels = torch.tensor([label for _, label, _ in batch], dtype=torch.int64) if batch else None
+            item = Item(worker, micro, done, epoch, images, labels, keys, list(found))
+            found.clear()
+            return item
 
-        for image, label, key in self.unit_samples(worker, resume, progress, events):
-            images.append(image), labels.append(label), keys.append(key)
-            if len(keys) == self.config.batch_size:
+        for epoch, position, sample, events in self.global_stream():
+            owned = position >= 0 and self.owns(position, worker)
+            if owned:
+                found.extend(events)  # read problems are reported once: by the owner of where they happened
+            if sample is None or not owned:
+                continue
+            try:
+                image, label = self.decode(sample, epoch[0])
+            except Exception as exn:  # costs this sample only: the next one this worker owns takes its place
+                found.append(BadEvent(sample.get("__key__", "?"), f"{type(exn).__name__}: {exn}", 1, epoch[0],
+                                      position))
+                continue
+            batch.append((image, label, sample["__key__"]))
+            if len(batch) == c.split.micro_batch:
                 yield emit(done=False)
-                images, labels, keys = [], [], []
+                batch, micro = [], micro + workers
         yield emit(done=True)  # finite only: the partial last batch, the tail's bad samples, "done"
 
-    def unit_samples(self, worker: int, resume: tuple[int, int], progress: Progress,
-                     events: list[BadEvent]) -> Iterator[tuple[np.ndarray, int, str]]:
-        """Decoded samples of this unit from the resume position on; one epoch, or forever if resampled."""
+    def owns(self, position: int, worker: int) -> bool:
+        rank, micro = self.config.split.owner(position)
+        return rank == self.config.rank and micro % self.config.split.workers == worker and micro >= self.cursor.micro
+
+    def global_stream(self) -> Iterator[tuple[tuple[int, int], int, dict | None, list[BadEvent]]]:
+        """((epoch, its start), position, sample, new read problems) from the cursor on, the same in every worker of
+        every rank. Positions count delivered samples from the cursor's global batch (negative before it). One
+        epoch, or forever if endless."""
         c = self.config
-        unit, units = c.rank * c.workers + worker, c.world_size * c.workers
-        skip = resume[1]
+        epoch, start = self.cursor.epoch, 0  # start: the epoch's first position, counted from the cursor's epoch
         while True:
-            plan = plan_unit(c.shards, seed=c.seed, epoch=progress.epoch, unit=unit, units=units,
-                             resampled=c.resampled)
-            raw = read_plan(plan, events, progress, c.retries, c.timeout_s)
+            progress, events, index = Progress(epoch), [], 0
+            raw = read_plan(epoch_shards(c.shards, seed=c.seed, epoch=epoch, resampled=c.resampled), events, progress,
+                            c.retries, c.timeout_s)
             if c.shuffle_buffer > 1:
                 raw = wds.filters.shuffle(c.shuffle_buffer, initial=c.shuffle_buffer,
-                                          rng=seeded_rng(c.seed, progress.epoch, unit, "buffer"))(raw)
-            good = 0
+                                          rng=seeded_rng(c.seed, epoch, "buffer"))(raw)
             for sample in raw:
                 progress.consumed += 1
-                if progress.consumed <= skip:
-                    continue  # replaying up to the restored position: read, not decoded
-                try:
-                    image, label = self.decode(sample, progress.epoch)
-                except Exception as exn:  # a sample that fails to decode costs that sample only
-                    events.append(BadEvent(sample.get("__key__", "?"), f"{type(exn).__name__}: {exn}", 1,
-                                           progress.epoch, progress.consumed - 1))
-                    continue
-                good += 1
-                yield image, label, sample["__key__"]
-            if not c.resampled:
+                index += 1
+                yield (epoch, start), start + index - 1 - self.cursor.offset, sample, events[:]
+                events.clear()
+            if events:
+                yield (epoch, start), start + index - self.cursor.offset, None, events[:]
+            if not c.endless:
                 return
-            if good == 0 and skip == 0:  # else an infinite stream would spin without ever yielding
-                raise TooManyBadSamples(f"rank {c.rank} worker {worker}: resampled epoch {progress.epoch} "
-                                        f"yielded no good sample; bad: {events[:3]}")
-            progress.epoch, progress.consumed, skip = progress.epoch + 1, 0, 0
+            if index == 0:  # else an endless stream would spin without ever yielding
+                raise TooManyBadSamples(f"epoch {epoch} of {len(c.shards)} shard(s) holds no complete sample")
+            epoch, start = epoch + 1, start + index
 
     def decode(self, sample: dict[str, Any], epoch: int) -> tuple[np.ndarray, int]:
         """Image and label of a sample `read_shard` delivered (it checked the members and the label)."""
@@ -430,22 +453,27 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 class StreamingLoader:
-    """Iterate `Batch`es from a shard folder or pattern; one finite epoch per `iter()` unless resampled.
+    """Iterate `Batch`es from a shard folder or pattern; one finite epoch per `iter()` unless endless.
 
     Iterating a finite loader yields the rest of the current epoch, then moves to the next epoch; breaking
-    out mid-epoch and iterating again continues where it stopped. `state_dict()` / `load_state_dict()`
-    save and restore that position exactly. A resampled loader never ends.
+    out mid-epoch and iterating again continues where it stopped. An endless loader (and a resampled one)
+    never ends: epochs follow each other inside the global stream, so no sample is dropped at an epoch's end.
+    `state_dict()` / `load_state_dict()` save and restore the position exactly; a position saved at a global
+    batch boundary also restores under another world size, worker count or micro-batch split of the same
+    global batch (`batch_size` x world_size x `grad_accum`).
     """
 
     def __init__(self, path: str | os.PathLike, *, batch_size: int, resolution: int | Sequence[int], channels: int,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  shuffle_buffer: int = 1000, hflip: bool = False, resampled: bool = False,
                  max_bad_fraction: float = 0.01, fit: str = "resize", retries: int = urls.DEFAULT_RETRIES,
-                 timeout_s: float = urls.DEFAULT_TIMEOUT_S, verify: str = "size"):
+                 timeout_s: float = urls.DEFAULT_TIMEOUT_S, verify: str = "size", grad_accum: int = 1,
+                 endless: bool = False):
         resolution = image_size(resolution)
-        if batch_size < 1 or min(resolution) < 1 or channels < 1 or num_workers < 0:
-            raise LoaderError(f"need batch_size >= 1, resolution >= 1, channels >= 1, num_workers >= 0; got "
-                              f"{batch_size}, {resolution}, {channels}, {num_workers}")
+        if batch_size < 1 or min(resolution) < 1 or channels < 1 or num_workers < 0 or grad_accum < 1:
+            raise LoaderError(f"need batch_size >= 1, resolution >= 1, channels >= 1, num_workers >= 0, "
+                              f"grad_accum >= 1; got {batch_size}, {resolution}, {channels}, {num_workers}, "
+                              f"{grad_accum}")
         if fit not in FITS or not 0 <= max_bad_fraction <= 1 or verify not in shard_format.VERIFY_LEVELS:
             raise LoaderError(f"fit must be one of {FITS}, max_bad_fraction in [0, 1] and verify one of "
                               f"{shard_format.VERIFY_LEVELS}; got {fit!r}, {max_bad_fraction}, {verify!r}")
@@ -454,61 +482,83 @@ class StreamingLoader:
         self.max_bad_fraction = max_bad_fraction
         if retries < 0 or timeout_s <= 0:
             raise LoaderError(f"need retries >= 0 and timeout_s > 0; got {retries}, {timeout_s}")
-        self.config = StreamConfig(resolve_shards(path, verify, timeout_s), batch_size, resolution, channels, fit,
-                                   seed, rank, world_size, max(1, num_workers), shuffle_buffer, hflip, resampled,
-                                   retries, timeout_s)
-        self.epoch = 0
-        self._reset_positions(0)
+        split = Split(batch_size, world_size, grad_accum, max(1, num_workers))
+        self.config = StreamConfig(resolve_shards(path, verify, timeout_s), split, resolution, channels, fit, seed, rank,
+                                   shuffle_buffer, hflip, resampled, endless or resampled, retries, timeout_s)
+        self._start_epoch(0)
 
     # ------------------------------------------------------------ position
-    def _reset_positions(self, epoch: int) -> None:
-        self.positions = [{"epoch": epoch, "consumed": 0, "done": False} for _ in range(self.config.workers)]
-        self.next_worker = 0
-        self.good = self.bad = 0  # per epoch (finite) or since the start (resampled)
+    def _start_epoch(self, epoch: int, offset: int = 0) -> None:
+        self.cursor = Cursor(epoch, offset)
+        self.latest = (epoch, 0)  # the newest (epoch, first position) the workers reported
+        self.epoch_done = False
+        self.good = self.bad = 0  # per epoch (finite) or since the start (endless)
         self._expected_count = self._expected()
+
+    @property
+    def epoch(self) -> int:
+        return self.latest[0] if self.config.endless else self.cursor.epoch
+
+    def global_cursor(self) -> Cursor:
+        """The cursor with its micro-batches folded into the offset (possible at a global batch boundary), and
+        moved into the newest epoch the workers have seen: the world-size independent form."""
+        c, split = self.cursor, self.config.split
+        if c.micro % split.grad_accum:
+            return c
+        offset = c.offset + c.micro // split.grad_accum * split.global_batch
+        epoch, start = self.latest
+        return Cursor(epoch, offset - start) if epoch > c.epoch and start <= offset else Cursor(c.epoch, offset)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "positions": [dict(p) for p in self.positions],
-                "next_worker": self.next_worker, "good": self.good, "bad": self.bad,
-                "layout": self._layout()}
+        return {"version": STATE_VERSION, "cursor": dataclasses.asdict(self.global_cursor()),
+                "epoch_done": self.epoch_done, "good": self.good, "bad": self.bad, "layout": self._layout()}
 
     def _layout(self) -> dict[str, Any]:
-        """What must match for a saved position to mean the same batches."""
+        """What must match for a saved position to mean the same batches: `order` fixes the global stream,
+        `split` how this rank takes its share of it."""
         c = self.config
-        return {"seed": c.seed, "rank": c.rank, "world_size": c.world_size, "workers": c.workers,
-                "batch_size": c.batch_size, "shuffle_buffer": c.shuffle_buffer, "resampled": c.resampled,
-                "num_shards": len(c.shards)}
+        return {"order": {"seed": c.seed, "global_batch": c.split.global_batch, "shuffle_buffer": c.shuffle_buffer,
+                          "resampled": c.resampled, "endless": c.endless, "num_shards": len(c.shards)},
+                "split": {"rank": c.rank, **dataclasses.asdict(c.split)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") == 1:  # written before the global order: its epoch restarts
+            logger.warning("loader state of version 1: starting epoch %d from its start", state["epoch"])
+            self._start_epoch(state["epoch"])
+            return
         if state.get("version") != STATE_VERSION:
             raise LoaderError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        self.epoch = int(state["epoch"])
-        if state["layout"] != self._layout():
-            # Another world size or worker count cannot replay the same batches: restart the saved epoch.
-            # A resampled stream moves on to a fresh epoch instead of replaying its first one.
-            if self.config.resampled:
-                self.epoch = 1 + max(p["epoch"] for p in state["positions"])
+        cursor = Cursor(**state["cursor"])
+        same_split = state["layout"]["split"] == self._layout()["split"]
+        if state["layout"]["order"] != self._layout()["order"] or (cursor.micro and not same_split):
+            # Another global order (or a position inside a global batch under another split) cannot continue
+            # the same stream: restart the saved epoch; a resampled stream moves on to a fresh epoch instead.
+            epoch = cursor.epoch + 1 if self.config.resampled else cursor.epoch
             logger.warning("loader layout changed since the checkpoint (%s -> %s): starting epoch %d from its "
-                           "start", state["layout"], self._layout(), self.epoch)
-            self._reset_positions(self.epoch)
+                           "start", state["layout"], self._layout(), epoch)
+            self._start_epoch(epoch)
             return
-        self.positions = [dict(p) for p in state["positions"]]
-        self.next_worker, self.good, self.bad = state["next_worker"], state["good"], state["bad"]
-        self._expected_count = self._expected()
+        self._start_epoch(cursor.epoch, cursor.offset)
+        self.cursor, self.epoch_done = cursor, state["epoch_done"]
+        if same_split:  # the counts are this rank's own
+            self.good, self.bad = state["good"], state["bad"]
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Batch]:
-        if all(p["done"] for p in self.positions):
-            self.epoch += 1
-            self._reset_positions(self.epoch)
+        if self.epoch_done:
+            self._start_epoch(self.cursor.epoch + 1)
+        workers_done = set()
         for item in self._items():
             self._absorb(item)
+            workers_done |= {item.worker} if item.done else set()
             if item.keys:
                 yield Batch(item.images, item.labels, item.keys)
-        self._end_epoch()
+        self.epoch_done = len(workers_done) == self.config.split.workers
+        if self.epoch_done:
+            self._end_epoch()
 
     def _items(self) -> Iterator[Item]:
-        dataset = UnitStream(self.config, self.positions, self.next_worker)
+        dataset = UnitStream(self.config, self.cursor)
         if self.num_workers == 0:
             return iter(dataset)
         return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
@@ -520,8 +570,9 @@ class StreamingLoader:
                            self.config.rank, event.reason)
         self.bad += sum(e.count for e in item.bad)
         self.good += len(item.keys)
-        self.positions[item.worker] = {"epoch": item.epoch, "consumed": item.consumed, "done": item.done}
-        self.next_worker = (item.worker + 1) % self.config.workers
+        if item.keys:
+            self.cursor = dataclasses.replace(self.cursor, micro=item.micro + 1)
+        self.latest = max(self.latest, item.epoch)
         self._check_bad(self._expected_count, final=False)
 
     def _end_epoch(self) -> None:
@@ -529,21 +580,18 @@ class StreamingLoader:
         self._check_bad(self.good + self.bad, final=True)
         if self.good == 0:
             logger.warning("rank %d got no samples in epoch %d (%d shards for %d ranks x %d workers)",
-                           self.config.rank, self.epoch, len(self.config.shards), self.config.world_size,
-                           self.config.workers)
+                           self.config.rank, self.epoch, len(self.config.shards), self.config.split.world_size,
+                           self.config.split.workers)
 
     def _expected(self) -> int | None:
-        """Samples this rank should see per (finite) epoch, from the manifest counts; None when unknown."""
-        c = self.config
-        plans = [plan_unit(c.shards, seed=c.seed, epoch=self.epoch, unit=c.rank * c.workers + w,
-                           units=c.world_size * c.workers, resampled=False) for w in range(c.workers)]
-        counts = [p.expected() for p in plans]
-        return None if None in counts else sum(counts)
+        """Samples this rank should see per epoch, from the manifest counts; None when unknown."""
+        counts = [s.num_samples for s in self.config.shards]
+        return None if None in counts else self.config.split.share(self.config.rank, sum(counts))
 
     def _check_bad(self, denominator: int | None, final: bool) -> None:
         seen = self.good + self.bad
         if not final:
-            if denominator is None and not self.config.resampled:
+            if denominator is None and not self.config.endless:
                 return  # unknown epoch size: judge at the epoch's end
             denominator = max(seen, denominator or MIN_SAMPLES_FOR_RUNNING_CHECK)
         if self.bad and self.bad > self.max_bad_fraction * denominator:
@@ -553,7 +601,6 @@ class StreamingLoader:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Good and bad samples this epoch (finite) or since the start (resampled), and the epoch
-        (for a resampled stream: the furthest epoch any worker has reached)."""
-        epoch = max(p["epoch"] for p in self.positions) if self.config.resampled else self.epoch
-        return {"epoch": epoch, "good": self.good, "bad": self.bad}
+        """Good and bad samples this epoch (finite) or since the start (endless), and the epoch
+        (for an endless stream: the newest epoch the workers have reached)."""
+        return {"epoch": self.epoch, "good": self.good, "bad": self.bad}

@@ -121,16 +121,39 @@ def test_resume_of_resampled_stream_across_its_epochs(digits_dir):
     interrupted = digits_loader(digits_dir, **kw)
     assert_same_batches(take(iter(interrupted), 17), reference[:17])
     state = interrupted.state_dict()
-    assert any(p["epoch"] == 1 for p in state["positions"])
+    assert state["cursor"]["epoch"] == 1
     assert_same_batches(resumed(digits_dir, state, 7, **kw), reference[17:])
 
 
-def test_changed_layout_restarts_the_saved_epoch(digits_dir, caplog):
+def test_another_split_of_the_same_global_batch_continues_the_stream(digits_dir):
+    """2 ranks x 2 workers x micro 25 -> 1 rank x 1 worker x micro 50 -> 1 rank x 2 workers x micro 25 x accum 2:
+    the same global batches as an uninterrupted run, every key of the epoch exactly once across the changes."""
+    kw = {"seed": 3, "shuffle_buffer": 300}
+    reference = take(iter(digits_loader(digits_dir, batch_size=50, **kw)), 100)
+    ranks = [digits_loader(digits_dir, batch_size=25, rank=r, world_size=2, num_workers=2, **kw) for r in range(2)]
+    heads = [take(iter(loader), 7) for loader in ranks]  # 7 global batches
+    assert all(ranks[0].state_dict()["cursor"] == loader.state_dict()["cursor"] for loader in ranks)
+    for g in range(7):
+        assert heads[0][g][0] + heads[1][g][0] == reference[g][0]  # rank r takes slot r of each global batch
+    one = digits_loader(digits_dir, batch_size=50, **kw)
+    one.load_state_dict(json.loads(json.dumps(ranks[1].state_dict())))
+    middle = take(iter(one), 5)
+    assert_same_batches(middle, reference[7:12])
+    accum = digits_loader(digits_dir, batch_size=25, num_workers=2, grad_accum=2, **kw)
+    accum.load_state_dict(one.state_dict())
+    tail = [batch.keys for batch in accum]
+    assert [a + b for a, b in zip(tail[::2], tail[1::2])] == [keys for keys, _, _ in reference[12:]]
+    seen = [k for head in heads for keys, _, _ in head for k in keys] + \
+        [k for keys, _, _ in middle for k in keys] + [k for keys in tail for k in keys]
+    assert sorted(seen) == ALL_DIGIT_KEYS
+
+
+def test_changed_order_restarts_the_saved_epoch(digits_dir, caplog):
     loader = digits_loader(digits_dir, seed=3)
     take(iter(loader), 3)
     take(iter(loader), 100)  # finish epoch 0, start epoch 1
     take(iter(loader), 4)
-    other = digits_loader(digits_dir, seed=3, num_workers=2)
+    other = digits_loader(digits_dir, seed=3, shuffle_buffer=10)
     with caplog.at_level(logging.WARNING):
         other.load_state_dict(loader.state_dict())
     assert "layout changed" in caplog.text

@@ -79,7 +79,9 @@ def test_dropped_connections_errors_and_stalls_are_retried_exactly(nginx, proxy,
     assert proxy.requests["/digits/shard-000001.tar"] == 3 and proxy.requests["/digits/shard-000003.tar"] == 2
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+# One reader only: every worker reads every shard of the global order (pipeline/data/loader.py), so with 2 workers
+# the proxy's 3 faults would fall on whichever reads come first, a matter of timing.
+@pytest.mark.parametrize("num_workers", [0])
 def test_a_shard_failing_beyond_the_retries_counts_its_lost_samples(nginx, proxy, digits_shards, local_epoch,
                                                                      num_workers):
     proxy.faults["/digits/shard-000002.tar"] = [("cut", 100_000)] * 3
