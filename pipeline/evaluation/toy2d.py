@@ -120,7 +120,6 @@ class ToyConfig:
     # v, not eps: at 1500 steps KL(p || model) is 0.48 nats with v and 2.4 with eps (eps is poor at small t)
     prediction: str = "v"
     seed: int = 0
-    micro_batch: int | None = None  # None: configs/toy2d.yaml's
 
 
 class PointModel(nn.Module):
@@ -144,8 +143,7 @@ def train_denoiser(shard_dir: Path, run_dir: Path, config: ToyConfig) -> PointMo
 
     command = [sys.executable, "-m", "pipeline", "train", "--config", str(REPO / "configs/toy2d.yaml"),
                "--out", str(run_dir), f"data.shards={shard_dir}", f"train.steps={config.train_steps}",
-               f"diffusion.prediction={config.prediction}", f"train.seed={config.seed}",
-               *([f"train.micro_batch={config.micro_batch}"] if config.micro_batch else [])]
+               f"diffusion.prediction={config.prediction}", f"train.seed={config.seed}"]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if proc.returncode != 0:
