@@ -24,3 +24,17 @@ def test_the_shipped_results_files_carry_provenance_on_every_row():
     for path in files:
         for row in csv.DictReader(path.open(newline="")):
             assert row["device"] and row["commit"] and row["date"] and row["torch"], (path.name, row)
+
+
+def test_timed_benchmarks_write_through_the_same_records(tmp_path):
+    import torch
+
+    from benchmarks.timing import append_csv, run_stamp
+
+    path = tmp_path / "train_throughput.csv"
+    stamp = run_stamp(torch.device("cpu"))
+    append_csv(path, [{**stamp, "ms": 1.0}])
+    append_csv(path, [{**stamp, "ms": 2.0, "mfu": 0.1}])  # a new column widens the one file
+    rows = list(csv.DictReader(path.open(newline="")))
+    assert [(r["ms"], r["mfu"]) for r in rows] == [("1.0", ""), ("2.0", "0.1")]
+    assert rows[0]["torch"] and rows[0]["load"] and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
