@@ -1,6 +1,6 @@
 """How the offline sample-quality metrics score controlled degradations of REAL images.
 
-    OMP_NUM_THREADS=1 python benchmarks/eval_ranking.py [--num 2000] [--csv out.csv]
+    OMP_NUM_THREADS=1 python benchmarks/eval_ranking.py [--num 2000] [--csv PATH]
 
 Real set: the first `num` images; every fake set is derived from the next `num` (held out): itself, with
 Gaussian noise (sigma 0.05 and 0.1), box-blurred, pixel-shuffled, and collapsed to one class. Prints one
@@ -10,7 +10,6 @@ metrics took; digits use the 1797 sklearn digits (two halves), Fashion-MNIST its
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.record import append_rows, device_name  # noqa: E402
 from pipeline.evaluation import degrade  # noqa: E402
 from pipeline.evaluation.quality import sample_quality  # noqa: E402
 from pipeline.evaluation.train_classifier import FASHION_DIR, load_digits_split, load_fashion_split  # noqa: E402
@@ -48,7 +48,8 @@ def fake_sets(held_out, labels):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=2000, help="images per set (digits: at most 898)")
-    parser.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV")
+    parser.add_argument("--csv", type=Path, default=None, help="results file to append to (default "
+                                                                "benchmarks/results/eval_ranking.csv)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     nets = ["digitsnet"] + (["fashionnet"] if (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file() else [])
@@ -67,11 +68,7 @@ def main() -> int:
             rows.append(row)
             print(f"{net:<11} {name:<16} {len(fake):>5} {row['fd']:>9.3f} {row['kid']:>9.4f} "
                   f"{row['precision']:>6.3f} {row['recall']:>6.3f} {row['coverage']:>8.2f} {seconds:>5.1f}")
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    print("appended to", append_rows("eval_ranking", rows, device_name("cpu"), args.csv))
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.record import append_rows, device_name  # noqa: E402
 from pipeline.checkpoint import load_for_inference  # noqa: E402
 from pipeline.evaluation.features import feature_net_for  # noqa: E402
 from pipeline.evaluation.likelihood import export_likelihood  # noqa: E402
@@ -28,12 +28,6 @@ from pipeline.evaluation.quality import sample_quality  # noqa: E402
 from pipeline.evaluation.shardset import read_image_set  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.generation.settings import GenerateSettings  # noqa: E402
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
 
 
 def main() -> int:
@@ -74,6 +68,8 @@ def main() -> int:
         likelihood = export_likelihood(inference, held_out.images.to(args.device), held_out.labels.to(args.device))
         print("likelihood:", json.dumps({k: v for k, v in likelihood.items() if isinstance(v, (int, float))}))
         rows.append({"likelihood": likelihood})
+    print("appended to", append_rows("eval_samplers", [{"export": args.checkpoint, **r} for r in rows
+                                                       if "sampler" in r], device_name(args.device)))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.record import append_rows, device_name  # noqa: E402
 from pipeline.evaluation import toy2d  # noqa: E402
 
 SAMPLERS = (("ddpm", 1000), ("ddpm", 100), ("ddim", 50), ("ddim", 20), ("dpmpp", 20), ("dpmpp", 10))
@@ -31,6 +32,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"{'density':<7} {'sampler':<12} {'n':>5} {'energy':>9} {'mmd':>9} {'xent-H':>7} {'s/1k':>6}")
+    results = []
     for name in args.densities.split(","):
         config = toy2d.ToyConfig(density=name, train_steps=args.train_steps)
         with tempfile.TemporaryDirectory() as folder:
@@ -44,6 +46,11 @@ def main() -> int:
         print(f"{name:<7} train {r['train_seconds']} s ({r['train_steps']} steps); ODE KL(p||model) at t=0: "
               f"{r['kl_estimate_t0']:.3f} nats (gaussian fit {r['gaussian_baseline']['kl_estimate_t0']:.3f}), "
               f"at t=10: {r['kl_estimate_t10']:.3f}")
+        results += [{"density": name, "row": label, "num_eval": r["num_eval"], "train_steps": r["train_steps"],
+                     "energy_distance": s["energy_distance"], "mmd_rbf": s["mmd_rbf"],
+                     "true_nll_minus_entropy": s["true_nll_of_samples"] - r["true_entropy"],
+                     "kl_estimate_t0": r["kl_estimate_t0"]} for label, s in rows]
+    print("appended to", append_rows("eval_toy2d", results, device_name("cpu")))
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pipeline.checkpoint import Inference, export_weights, weights_hash  # noqa:
 from pipeline.config import load_config  # noqa: E402
 from pipeline.factory import build_model  # noqa: E402
 from pipeline.flops import flops_per_image, matmul_tflops, peak_tflops  # noqa: E402
-from benchmarks.timing import run_stamp  # noqa: E402
+from benchmarks.timing import append_csv, run_stamp  # noqa: E402
 
 SAMPLERS = (("ddim", 50), ("dpmpp", 20))
 # (name, precision, cuda graph, sampler-update backend, torch.compile); each builds on the one before it.
@@ -96,7 +95,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--num", type=int, default=256, help="images timed per row")
     p.add_argument("--compile", action="store_true", help="add a torch.compile row (CUDA; minutes to compile)")
-    p.add_argument("--csv", default="generate_throughput.csv", help="where to write the results")
+    p.add_argument("--csv", default=str(Path(__file__).resolve().parent / "results" / "generate_throughput.csv"),
+                   help="results file to append to (one per benchmark; rows carry device, commit, date, versions)")
     args = p.parse_args()
 
     from pipeline.generation.sampling import fast_inference
@@ -139,16 +139,12 @@ def main() -> int:
 
 def write_csv(path: str, rows, stamp: dict, args, config, matmul: float) -> None:
     params = sum(p.numel() for p in build_model(config).parameters())
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["device", "commit", "date", "load", "torch", "config", "params", "batch_size", "sampler",
-                         "steps", "path", "images_per_s", "tflops", "mfu_vs_matmul", "mfu_vs_peak", "matmul_tflops"])
-        for sampler, steps, name, rate, tflops, vs_matmul, vs_peak in rows:
-            writer.writerow([stamp["device"], stamp["commit"], stamp["date"], stamp["load"], torch.__version__,
-                             args.config, params, args.batch_size, sampler, steps, name, f"{rate:.1f}",
-                             f"{tflops:.4g}", f"{vs_matmul:.4f}", "" if vs_peak is None else f"{vs_peak:.4f}",
-                             f"{matmul:.4g}"])
-    print(f"wrote {path} ({stamp['device']}, {params / 1e6:.2f}M parameters, batch {args.batch_size})")
+    append_csv(path, [{**stamp, "config": args.config, "params": params, "batch_size": args.batch_size,
+                       "sampler": sampler, "steps": steps, "path": name, "images_per_s": f"{rate:.1f}",
+                       "tflops": f"{tflops:.4g}", "mfu_vs_matmul": f"{vs_matmul:.4f}",
+                       "mfu_vs_peak": "" if vs_peak is None else f"{vs_peak:.4f}", "matmul_tflops": f"{matmul:.4g}"}
+                      for sampler, steps, name, rate, tflops, vs_matmul, vs_peak in rows])
+    print(f"({stamp['device']}, {params / 1e6:.2f}M parameters, batch {args.batch_size})")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,13 @@ shuffle buffer, batching, normalisation) for several worker counts: "epoch" rate
 worker start-up, "steady" rates start the clock at each epoch's first batch. num_workers=0 decodes in
 the main process (one worker's worth of CPU).
 
-    OMP_NUM_THREADS=1 python benchmarks/loader_throughput.py [--images 4000] [--workers 0 1 2] [--csv out.csv]
+    OMP_NUM_THREADS=1 python benchmarks/loader_throughput.py [--images 4000] [--workers 0 1 2] [--csv PATH]
 
 Needs the project installed (`bash scripts/setup.sh`) or `PYTHONPATH=.`.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.record import append_rows
 from pipeline.data import shards
 from pipeline.data.ingest import FASHION_MNIST_DIR, load_source
 from pipeline.data.loader import StreamingLoader
@@ -75,7 +75,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed per setting")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size")
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting; the best is reported")
-    parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    parser.add_argument("--csv", default=None, help="results file to append to (default "
+                                                     "benchmarks/results/loader_throughput.csv)")
     args = parser.parse_args()
 
     images, name = real_images(args.images)
@@ -101,11 +102,7 @@ def main() -> None:
                                  "steady_per_worker": round(per_worker), "device": device})
                     print(f"{size:>3}x{size:<3} {channels:>8} {workers:>7} {rate:>14.0f} {steady:>15.0f} "
                           f"{per_worker:>16.0f}", flush=True)
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    print("appended to", append_rows("loader_throughput", rows, device, args.csv))
 
 
 if __name__ == "__main__":

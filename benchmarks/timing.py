@@ -41,38 +41,14 @@ def load_note() -> str:
 
 
 def run_stamp(device) -> dict:
-    """What every benchmark CSV row names: the device, the commit and the date (UTC)."""
-    import datetime
-    import platform
-    import subprocess
+    """What every benchmark row names (`benchmarks/record.py`: device, commit, date, versions) and the load."""
+    from benchmarks.record import device_name, provenance
 
-    import torch
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"CPU {platform.machine()} x{torch.get_num_threads()} threads"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    return {"device": name, "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-            "load": round(os.getloadavg()[0], 1)}
+    return {**provenance(device_name(device)), "load": round(os.getloadavg()[0], 1)}
 
 
 def append_csv(path, rows: list[dict]) -> None:
-    """Append rows to a CSV (header written when the file is new or its columns changed)."""
-    import csv
-    from pathlib import Path
+    """Append rows to the benchmark's one results file (new columns widen it; old rows are kept)."""
+    from benchmarks.record import append_rows
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0])
-    if path.exists() and path.read_text().split("\n", 1)[0] != ",".join(fields):
-        path = path.with_name(f"{path.stem}-v2{path.suffix}")  # an older layout: never mix columns in one file
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended {len(rows)} row(s) to {path}")
+    print(f"appended {len(rows)} row(s) to {append_rows('', rows, rows[0]['device'], path)}")

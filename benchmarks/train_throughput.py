@@ -80,7 +80,7 @@ def main() -> None:
     trainer = Trainer(config, tmp / "run")
     d, t, device = config.data, config.train, trainer.device
     gen = torch.Generator().manual_seed(0)
-    batch = SimpleNamespace(images=torch.rand(t.micro_batch, d.channels, d.resolution, d.width or d.resolution,
+    batch = SimpleNamespace(images=torch.rand(t.micro_batch, d.channels, *d.image_size,
                                               generator=gen).mul(2).sub(1).to(device),
                             labels=torch.randint(0, config.model.num_classes or 1, (t.micro_batch,), generator=gen))
     plain = plain_step(config, device, batch)

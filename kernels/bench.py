@@ -12,10 +12,8 @@ names the device. Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
-import tempfile
 from typing import Callable, NamedTuple
 
 import torch
@@ -189,23 +187,19 @@ def _format(r: dict) -> str:
             f"{r['x_compile']:>10.2f}")
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    """Atomic: a temp file beside the target, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+def write_results(benchmark: str, rows: list[dict], device: str, path: str | None) -> str:
+    """Append the rows, with device, commit, date and versions, to benchmarks/results/<benchmark>.csv."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.record import append_rows  # a benchmark-only dependency: kernels/ itself needs torch/triton
+
+    return str(append_rows(benchmark, rows, device, path))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,4,16,64,256", help="comma-separated sizes in 2**20 elements")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
-    parser.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/kernels-<device>.csv)")
+    parser.add_argument("--csv", default=None, help="results file to append to (default benchmarks/results/kernels.csv)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     parser.add_argument("--extras", action="store_true", help="also run the block-size sweep and channels_last cost")
     args = parser.parse_args(argv)
@@ -220,9 +214,7 @@ def main(argv=None) -> int:
     print(f"device: {device}; torch {torch.__version__}; copy bandwidth counts bytes read + written")
     print(HEADER)
     rows = run(sizes, dtypes, not args.no_compile)
-    slug = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
-    path = args.csv or os.path.join("benchmarks", "results", f"kernels-{slug}.csv")
-    write_csv(rows, path)
+    path = write_results("kernels", rows, device, args.csv)
     extras = block_sweep() + channels_last_cost() if args.extras else []
     print("\n".join(extras))
     print(f"\n{HEADER}\n" + "\n".join(_format(r) for r in rows))

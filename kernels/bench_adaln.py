@@ -19,7 +19,7 @@ import torch
 
 import kernels
 from kernels.adaln import gated_residual_reference, modulated_layer_norm_reference
-from kernels.bench import copy_ms, median_ms, write_csv
+from kernels.bench import copy_ms, median_ms, write_results
 
 TOKENS = 256
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="16,64,256", help="comma-separated sizes in 2**20 elements")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
     parser.add_argument("--hidden", type=int, default=1152, help="token width D")
-    parser.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/adaln-<device>.csv)")
+    parser.add_argument("--csv", default=None, help="results file to append to (default benchmarks/results/adaln.csv)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -98,9 +98,7 @@ def main(argv=None) -> int:
     print(HEADER)
     rows = run([int(s) for s in args.sizes.split(",")], [getattr(torch, d) for d in args.dtypes.split(",")],
                args.hidden, not args.no_compile)
-    slug = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
-    path = args.csv or os.path.join("benchmarks", "results", f"adaln-{slug}.csv")
-    write_csv(rows, path)
+    path = write_results("adaln", rows, device, args.csv)
     print(f"wrote {path}")
     return 0
 

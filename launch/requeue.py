@@ -28,8 +28,9 @@ from pathlib import Path
 import submitit
 
 from launch.environment import child_environment, ranks_from_job_environment, restart_count
+from pipeline.conventions import EXIT_REQUEUE
 
-EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: the pipeline stopped on a signal after checkpointing; run it again
+EXIT_CHECKPOINTED = EXIT_REQUEUE  # the pipeline stopped on a signal after checkpointing; run it again
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)  # the ones the pipeline checkpoints on
 STDERR_TAIL_LINES = 80
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline.conventions import PREDICTIONS, SAMPLERS, SCHEDULES
 from pipeline.errors import PipelineError
 
 
@@ -79,6 +80,11 @@ class DataConfig:
     read_retries: int = field(default=3, metadata={"range": NON_NEGATIVE})
     # a remote read that receives nothing for this long counts as failed
     read_timeout_s: float = field(default=30.0, metadata={"range": POSITIVE})
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images: the one place that reads `resolution` and `width` together."""
+        return self.resolution, self.width or self.resolution
     # check the shards against their manifest at the start
     verify: Literal["off", "size", "sha256"] = field(default="size", metadata=MAY_CHANGE_ON_RESUME)
 
@@ -113,12 +119,12 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: Literal["linear", "cosine", "sigmoid", "scaled_linear"] = "linear"
+    schedule: Literal[SCHEDULES] = "linear"
     timesteps: int = field(default=1000, metadata={"range": COUNT})
-    prediction: Literal["eps", "x0", "v"] = "eps"
+    prediction: Literal[PREDICTIONS] = "eps"
     weighting: Literal["none", "min_snr"] = "none"
     min_snr_gamma: float = field(default=5.0, metadata={"range": POSITIVE})
-    sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"  # for the sample grids written during training
+    sampler: Literal[SAMPLERS] = "ddim"  # for the sample grids written during training
     sample_steps: int = field(default=50, metadata={"range": COUNT})
     guidance: float = field(default=1.0, metadata={"range": NON_NEGATIVE})
 
@@ -198,10 +204,9 @@ def check_consistency(config: Config) -> None:
     if not m.channel_mult:
         raise ConfigError("config key model.channel_mult: [] must hold at least one multiplier")
     if m.type == "ddpm" and m.network == "dit":
-        sizes = {d.resolution, d.width or d.resolution}
-        if m.patch_size < 1 or any(s % m.patch_size for s in sizes):
+        if m.patch_size < 1 or any(s % m.patch_size for s in d.image_size):
             raise ConfigError(f"config key model.patch_size: {m.patch_size} does not divide the image size "
-                              f"{d.resolution}x{d.width or d.resolution} (data.resolution/data.width)")
+                              f"{d.image_size[0]}x{d.image_size[1]} (data.resolution/data.width)")
         if m.dit_heads < 1 or m.dit_hidden % m.dit_heads:
             raise ConfigError(f"config key model.dit_heads: {m.dit_heads} does not divide model.dit_hidden "
                               f"{m.dit_hidden}")

@@ -30,6 +30,7 @@ from pipeline.generation import settings as settings_module
 from pipeline.generation.plan import (SPEC_NAME, DoneRecords, GenerateError, assigned_shards, check_split,
                                       claim_folder, num_shards, rank_from_env, rebuild_manifest)
 from pipeline.generation.settings import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, CHECKPOINT_HELP, flag
+from pipeline.images import to_model_range
 
 SPEC_FORMAT = "pipeline-latents/1"
 SCALE_SAMPLES = 1024  # posterior means the scale factor is measured on (the set's first samples)
@@ -117,7 +118,7 @@ def images_of(samples: list[dict], vae) -> torch.Tensor:
 
     size = (vae.image_size, vae.image_size)
     arrays = [decode_image(s["png"], size, vae.in_channels) for s in samples]
-    return torch.from_numpy(np.stack(arrays)).float().div_(127.5).sub_(1.0)
+    return to_model_range(torch.from_numpy(np.stack(arrays)))
 
 
 @torch.no_grad()

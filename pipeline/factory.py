@@ -16,11 +16,11 @@ def build_model(config: Config) -> torch.nn.Module:
     if m.network == "mlp":
         from pipeline.models.mlp import MLPDenoiser
 
-        return MLPDenoiser((d.channels, *image_shape(config)), hidden=m.mlp_hidden, depth=m.mlp_depth)
+        return MLPDenoiser((d.channels, *d.image_size), hidden=m.mlp_hidden, depth=m.mlp_depth)
     if m.network == "dit":
         from pipeline.models.dit import DiT
 
-        return DiT(in_channels=d.channels, image_size=image_shape(config), patch_size=m.patch_size,
+        return DiT(in_channels=d.channels, image_size=d.image_size, patch_size=m.patch_size,
                    hidden=m.dit_hidden, depth=m.dit_depth, heads=m.dit_heads, num_classes=m.num_classes)
     from pipeline.models.unet import UNet
 
@@ -29,12 +29,16 @@ def build_model(config: Config) -> torch.nn.Module:
                 dropout=m.dropout, num_classes=m.num_classes, image_size=d.resolution)
 
 
+def build_loss(config: Config, device: torch.device):
+    """The training objective of the config's model type (pipeline/loss.py)."""
+    from pipeline.loss import DiffusionLoss, VAELoss
+
+    if config.model.type == "vae":
+        return VAELoss(config)
+    return DiffusionLoss(config, build_schedule(config).to(device), device)
+
+
 def build_schedule(config: Config):
     from pipeline.diffusion.schedule import make_schedule
 
     return make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
-
-
-def image_shape(config: Config) -> tuple[int, int]:
-    """(height, width) of the training images."""
-    return config.data.resolution, config.data.width or config.data.resolution

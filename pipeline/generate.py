@@ -46,7 +46,7 @@ def generate(settings: GenerateSettings) -> Summary:
     inference = load_model(settings.checkpoint, str(device))
     precision = resolve_precision(settings.precision, device)
     sampling = settings.sampling_for(inference.config)
-    generator = {"model_hash": inference.model_hash, **dataclasses.asdict(sampling), "precision": precision}
+    generator = {"model_hash": inference.model_hash, **sampling.record(), "precision": precision}
     spec = make_spec(inference, generator, settings.num_samples, settings.shard_size)
     claim_folder(out, spec)
     cuda_graph = device.type == "cuda" if settings.cuda_graph is None else settings.cuda_graph

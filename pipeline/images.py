@@ -1,4 +1,4 @@
-"""Image tensors <-> uint8 arrays, and sample grids a person can look at."""
+"""The pixel convention (8-bit levels <-> the model's [-1, 1]), image tensors <-> uint8 arrays, sample grids."""
 from __future__ import annotations
 
 import io
@@ -12,10 +12,23 @@ from PIL import Image
 from pipeline.io import atomic_write_bytes
 
 
+PIXEL_RANGE = (-1.0, 1.0)  # what models see and produce: 8-bit level u is u / LEVEL_SCALE - 1
+LEVEL_SCALE = 127.5
+
+
+def to_model_range(levels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """8-bit levels 0..255 (any shape) -> floats in [-1, 1] on the 256-value grid."""
+    return levels.to(dtype) / LEVEL_SCALE - 1.0
+
+
+def to_levels(x: torch.Tensor) -> torch.Tensor:
+    """Floats in [-1, 1] (any shape; clamped) -> uint8 levels, rounding to the nearest level."""
+    return ((x.clamp(*PIXEL_RANGE) + 1) * LEVEL_SCALE).round().to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) floats in [-1, 1] -> (B, H, W, C) uint8, rounding to the nearest level."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return to_levels(images.detach().float().cpu()).permute(0, 2, 3, 1).numpy()
 
 
 def make_grid(images: torch.Tensor, ncols: int | None = None, pad: int = 1) -> np.ndarray:

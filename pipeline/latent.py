@@ -52,7 +52,7 @@ def resolve_latent_config(config: Config) -> Config:
     if vae.model_hash != info["vae_hash"]:
         raise ConfigError(f"data.shards {d.shards} was encoded by VAE {info['vae_hash']}, but model.vae {m.vae} is "
                           f"VAE {vae.model_hash}: decode with the VAE that encoded the set (or re-encode it)")
-    expected = [d.channels, d.resolution, d.width or d.resolution]
+    expected = [d.channels, *d.image_size]
     if list(info["latent_shape"]) != expected:
         raise ConfigError(f"data.shards {d.shards} holds latents of shape {tuple(info['latent_shape'])}, the config "
                           f"says {tuple(expected)} (data.channels, data.resolution, data.width): make them match")

@@ -24,13 +24,13 @@ from pathlib import Path
 
 from pipeline.cli import input_file, output_folder
 from pipeline.config import Config, ConfigError, load_config, save_config, to_dict
+from pipeline.conventions import EXIT_REQUEUE
 from pipeline.io import atomic_write_text
 from pipeline.lazy import lazy_import
 
 torch = lazy_import("torch")  # loaded by the first use, so `--help` and config errors answer at once
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun (requeue) to continue
-NOISE_STREAM_BASE = 1_000_000  # training noise streams; sampling uses 0..steps (see docs/ARCHITECTURE.md)
+EXIT_PREEMPTED = EXIT_REQUEUE  # stopped by a signal after a checkpoint; rerun (requeue) to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 COLLECTIVE_TIMEOUT_ENV = "PIPELINE_COLLECTIVE_TIMEOUT_S"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600  # DeepSpeed's own default, now stated and changeable
@@ -145,7 +145,7 @@ class Trainer:
         import deepspeed
 
         from pipeline.ema import EMA
-        from pipeline.factory import build_model, build_schedule
+        from pipeline.factory import build_loss, build_model
         from pipeline.optim import GuardedAdamW, lr_lambda
 
         self.config, self.run_dir = config, Path(run_dir)
@@ -162,7 +162,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same initial weights on every rank (ZeRO-3 partitions local copies)
         model = build_model(config)
         torch.manual_seed(t.seed * 1000 + self.rank + 1)  # dropout only; everything else is counter-based
-        self.schedule = build_schedule(config).to(self.device) if config.model.type == "ddpm" else None
+        self.loss = build_loss(config, self.device)
         optimizer = GuardedAdamW(model.parameters(), grad_clip=t.grad_clip, partitioned=t.zero_stage > 0,
                                  lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
                                  fused=t.fused_adam or None)
@@ -246,10 +246,9 @@ class Trainer:
 
     def build_loader(self):
         from pipeline.data.loader import StreamingLoader
-        from pipeline.factory import image_shape
 
         d, t = self.config.data, self.config.train
-        return StreamingLoader(d.shards, batch_size=t.micro_batch, resolution=image_shape(self.config),
+        return StreamingLoader(d.shards, batch_size=t.micro_batch, resolution=d.image_size,
                                channels=d.channels,
                                seed=t.seed, rank=self.rank, world_size=self.world, num_workers=d.num_workers,
                                shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, resampled=d.resampled,
@@ -263,35 +262,14 @@ class Trainer:
 
     # -- one optimisation step
     def micro_loss(self, batch, accum_index: int) -> tuple[torch.Tensor, dict]:
-        """Loss of one micro-batch: slice `accum_index` of this rank in the step's global batch.
+        """Loss of one micro-batch: slice `accum_index` of this rank in the step's global batch (whose samples
+        the loss object keys its draws by, so any split over ranks and accumulation steps trains the same model)."""
+        from pipeline.loss import BatchSlice
 
-        The global batch of a step is micro_batch x world x grad_accum samples with ids 0..N-1; its timesteps,
-        label dropout and noise are drawn for all N from (seed, step), and each micro-batch takes its slice.
-        So any split of the same global batch over ranks and accumulation steps trains the same model.
-        """
-        x0 = batch.images.to(self.device, self.dtype)
-        t_cfg = self.config.train
-        b, total = t_cfg.micro_batch, t_cfg.micro_batch * self.world * t_cfg.grad_accum
-        lo = (accum_index * self.world + self.rank) * b
-        hi = lo + b
-        if self.config.model.type == "vae":
-            loss, metrics = self.engine.module.loss(x0, beta=self.config.model.kl_weight)
-            return loss, {k: float(v) for k, v in metrics.items()}
-        from pipeline.diffusion.losses import training_losses
-
-        d, m = self.config.diffusion, self.config.model
-        g = torch.Generator().manual_seed(t_cfg.seed * 1_000_003 + self.step)
-        t = torch.randint(0, d.timesteps, (total,), generator=g)[lo:hi].to(self.device)
-        y = None
-        if m.num_classes is not None:
-            drop = torch.rand(total, generator=g)[lo:hi] < m.p_uncond
-            y = torch.where(drop, torch.full_like(batch.labels, m.num_classes), batch.labels).to(self.device)
-        backend = None if t_cfg.loss_backend == "auto" else t_cfg.loss_backend
-        out = training_losses(self.engine, x0, t, self.schedule, seed=t_cfg.seed,
-                              sample_ids=torch.arange(lo, hi, device=self.device),
-                              stream=NOISE_STREAM_BASE + self.step, prediction=d.prediction, y=y,
-                              weighting=d.weighting, min_snr_gamma=d.min_snr_gamma, backend=backend)
-        return out.loss, {"bucket_sums": out.bucket_sums.detach(), "bucket_counts": out.bucket_counts.detach()}
+        t = self.config.train
+        lo = (accum_index * self.world + self.rank) * t.micro_batch
+        part = BatchSlice(self.step, t.micro_batch * self.world * t.grad_accum, lo, lo + t.micro_batch)
+        return self.loss(self.engine, batch.images.to(self.device, self.dtype), batch.labels, part)
 
     def train_step(self, micro_batches) -> dict:
         """One optimizer step over `grad_accum` micro-batches; returns the step's loss statistics."""

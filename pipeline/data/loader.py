@@ -46,6 +46,7 @@ from PIL import Image
 from pipeline.data import shards as shard_format
 from pipeline.data import urls
 from pipeline.errors import PipelineError
+from pipeline.images import to_model_range
 
 logger = logging.getLogger(__name__)
 FITS = ("resize", "pad")
@@ -172,9 +173,8 @@ def decode_latent(npy: bytes, resolution: int | Sequence[int], channels: int) ->
 
 def to_batch(samples: list[np.ndarray]) -> torch.Tensor:
     """Stacked samples as float32: uint8 images mapped to [-1, 1], float latents as they are."""
-    stacked = np.stack(samples)
-    batch = torch.from_numpy(stacked).float()
-    return batch.div_(127.5).sub_(1.0) if stacked.dtype == np.uint8 else batch
+    stacked = torch.from_numpy(np.stack(samples))
+    return to_model_range(stacked) if stacked.dtype == torch.uint8 else stacked.float()
 
 
 def resize_and_crop(img: Image.Image, h: int, w: int) -> Image.Image:

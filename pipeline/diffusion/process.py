@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import Schedule
+from pipeline.conventions import PREDICTIONS
 
-PREDICTIONS = ("eps", "x0", "v")
+from .schedule import Schedule
 
 
 def expand_like(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

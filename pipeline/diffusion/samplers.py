@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.conventions import DEFAULT_SPACING, SAMPLERS
+
 from . import process
 from .schedule import Schedule
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp")
 DDPM_VARIANCES = ("beta", "beta_tilde")
 COLUMNS = ("sqrt_ab_t", "sqrt_1m_ab_t", "c_x0", "c_x0_prev", "c_xt", "sigma")
 
@@ -159,7 +160,7 @@ def make_plan(schedule: Schedule, num: int, *, sampler: str, steps: int | None, 
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     device = torch.device(device) if device is not None else schedule.device
-    spacing = spacing or ("logsnr" if sampler == "dpmpp" else "linear")
+    spacing = spacing or DEFAULT_SPACING[sampler]
     chain = schedule.respace(steps, spacing) if steps is not None and steps != schedule.num_steps else schedule
     chain = chain.to(device)
     sample_ids = (torch.arange(num, device=device) if sample_ids is None
@@ -184,8 +185,8 @@ def sample(model_fn, shape, schedule: Schedule, *, sampler: str = "ddim", steps:
            spacing: str | None = None, backend=None) -> torch.Tensor:
     """Draw x_0 samples of `shape` = (N, *item_shape) with `model_fn(x, t, y) -> model output`.
 
-    `steps` respaces `schedule` (None = all its steps) with `spacing` ("linear" in t, or "logsnr"; default
-    "logsnr" for dpmpp, "linear" for ddpm/ddim, see `Schedule.respace`); `sample_ids` (N,) are the global ids
+    `steps` respaces `schedule` (None = all its steps) with `spacing` (one of SPACINGS, see `Schedule.respace`;
+    default: the sampler's DEFAULT_SPACING); `sample_ids` (N,) are the global ids
     that seed each sample's noise (default 0..N-1); `corrector_steps` Langevin steps follow every predictor
     step but the last; `guidance` w != 1 needs `y` and `null_class`.
     """

@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-SCHEDULES = ("linear", "cosine", "scaled_linear", "sigmoid")
+from pipeline.conventions import SCHEDULES, SPACINGS
+
 
 
 def _linear_betas(timesteps: int) -> np.ndarray:
@@ -94,10 +95,13 @@ class Schedule:
     def respace(self, steps: int | Sequence[int], spacing: str = "linear") -> "Schedule":
         """A shorter chain over a subset of this chain's steps.
 
-        `steps` is a count or an explicit list of step indices of THIS chain. A count keeps the first and the
-        last step and spaces the others evenly in t (`spacing="linear"`) or in log-SNR (`"logsnr"`, nearest
-        steps, duplicates dropped: DPM-Solver's recommended spacing; much better for few-step ODE solvers on
-        the linear schedule, whose log-SNR changes fastest near t = 0). The new betas are 1 - ab[k_j] / ab[k_{j-1}], so the marginals q(x_t | x_0)
+        `steps` is a count or an explicit list of step indices of THIS chain. A count chooses the steps by
+        `spacing`: "linear" keeps the first and the last step and spaces the others evenly in t; "trailing"
+        (Lin et al. 2024) keeps the last step and every (T/steps)-th before it, so no step is spent at t = 0,
+        where linear spacing's final step changes almost nothing; "logsnr" spaces them evenly in log-SNR
+        (nearest steps, duplicates dropped: DPM-Solver's recommended spacing, much better for few-step ODE
+        solvers on the linear schedule, whose log-SNR changes fastest near t = 0). The new betas are
+        1 - ab[k_j] / ab[k_{j-1}], so the marginals q(x_t | x_0)
         at the kept steps are unchanged and the chain's posteriors are the exact ones between kept steps.
         """
         ab_all = self.alphas_cumprod64.detach().cpu().numpy()
@@ -134,7 +138,6 @@ class Schedule:
         return 0.5 * (torch.log1p(-ab) - torch.log(ab))
 
 
-SPACINGS = ("linear", "logsnr")
 
 
 def _steps_to_keep(steps: int | Sequence[int], alphas_cumprod: np.ndarray, spacing: str) -> np.ndarray:
@@ -146,6 +149,8 @@ def _steps_to_keep(steps: int | Sequence[int], alphas_cumprod: np.ndarray, spaci
             raise ValueError(f"respace: steps must be in [1, {num_steps}], got {steps}")
         if spacing == "linear":
             return np.unique(np.round(np.linspace(0, num_steps - 1, int(steps))).astype(np.int64))
+        if spacing == "trailing":  # Lin et al. 2024: start at the last step, stride T/steps; no step at t = 0
+            return np.unique(np.round(np.arange(num_steps, 0, -num_steps / int(steps))).astype(np.int64) - 1)
         log_snr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
         targets = np.linspace(log_snr[0], log_snr[-1], int(steps))
         return np.unique(np.abs(log_snr[None, :] - targets[:, None]).argmin(axis=1))

@@ -86,6 +86,8 @@ def _format_table(result: dict) -> str:
                      f"n_fake={result['num_fake']}")
     if "num_likelihood" in result:
         lines.append(f"likelihood of {result['num_likelihood']} held-out real images under {result['model']}")
+    if "kid_units" in result:
+        lines.append(f"kid: {result['kid_units']}; its _std is {result['kid_spread']}")
     lines.append(f"{'metric':<36} {'value':>12}")
     lines += [f"{key:<36} {value:>12.5g}" for key, value in result.items() if isinstance(value, float)]
     return "\n".join(lines)

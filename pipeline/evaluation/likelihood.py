@@ -5,7 +5,7 @@
 - DDPM: the variational bound of the discrete chain and the probability-flow-ODE NLL
   (`pipeline.diffusion.likelihood`), the latter on uniformly dequantised pixels converted to 8-bit bins.
 
-Images are uint8 (N, C, H, W) from shards; models see x = u / 127.5 - 1 as in training.
+Images are uint8 (N, C, H, W) from shards; models see them through `pipeline.images.to_model_range` as in training.
 """
 from __future__ import annotations
 
@@ -16,11 +16,7 @@ import torch
 from pipeline.diffusion.likelihood import bits_per_dim
 from pipeline.evaluation import EvaluationError
 from pipeline.evaluation.metrics import psnr
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float in [-1, 1] on the 256-value grid, as the training loader maps pixels."""
-    return images.float() / 127.5 - 1.0
+from pipeline.images import to_model_range
 
 
 def dequantize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -96,7 +92,7 @@ def export_likelihood(inference, images: torch.Tensor, labels: torch.Tensor, *, 
                       vlb_steps: int | None = None, ode_steps: int = 100, seed: int = 0) -> dict:
     """Likelihood metrics of held-out uint8 images under a loaded export (`load_for_inference`)."""
     cfg, model = inference.config, inference.model
-    expected = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    expected = (cfg.data.channels, *cfg.data.image_size)
     if tuple(images.shape[1:]) != expected:
         raise EvaluationError(f"held-out images are {tuple(images.shape[1:])} but the model at {inference.path} "
                               f"expects {expected} (C, H, W): evaluate likelihood on data of the model's shape")

@@ -52,14 +52,18 @@ def _mmd2_unbiased(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor) -
     return within_x + within_y - 2 * k_xy.mean()
 
 
+def kid_subset_size(num_a: int, num_b: int, subset_size: int = 1000) -> int:
+    """At most half of each set, so the subsets differ and their spread says something."""
+    return max(2, min(subset_size, num_a // 2, num_b // 2))
+
+
 def kid(a, b, subset_size: int = 1000, num_subsets: int = 100,
         seed: int = 0) -> tuple[float, float]:
     """KID (Bińkowski et al. 2018): unbiased MMD^2 with the cubic kernel (x.y/d + 1)^3, mean and std over
     random subsets of min(subset_size, half of each set). Unlike the Fréchet distance it is unbiased at
     small sample counts."""
     a, b = _check_pair(a, b)
-    # at most half of each set, so the subsets differ and the std says something (unbiased at any size)
-    size = max(2, min(subset_size, len(a) // 2, len(b) // 2))
+    size = kid_subset_size(len(a), len(b), subset_size)
     gen = torch.Generator().manual_seed(seed)
     dim = a.shape[1]
     values = []

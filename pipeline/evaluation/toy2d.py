@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.conventions import PREDICTIONS
 from pipeline.data import shards
 
 REPO = Path(__file__).resolve().parents[2]
 from pipeline.evaluation import EvaluationError, metrics
+from pipeline.images import to_levels, to_model_range
 
 
 # ------------------------------------------------------------------------------------------- densities
@@ -88,7 +90,7 @@ def write_point_shards(folder: Path, points: torch.Tensor, density: str, per_sha
     """Points in [-1, 1]^2 as 1x2 8-bit PNGs in the shard format (values outside are refused)."""
     if points.abs().max() > 1:
         raise EvaluationError("points must lie in [-1, 1]^2 to be stored as 8-bit pixels")
-    pixels = torch.round((points + 1) * 127.5).to(torch.uint8).numpy()
+    pixels = to_levels(points).numpy()
     with shards.ShardWriter(folder, max_count=per_shard) as writer:
         for i, pixel_pair in enumerate(pixels):
             writer.add(shards.make_sample(i, shards.encode_png(pixel_pair[None]), -1, {"source_index": i}))
@@ -106,7 +108,7 @@ def read_points(folder: Path) -> torch.Tensor:
     if tuple(images.shape[1:]) != (1, 1, 2):
         raise EvaluationError(f"{folder} does not hold 2-D points (1x2 grey images), its images are "
                               f"{tuple(images.shape[1:])}")
-    return images.reshape(-1, 2).double() / 127.5 - 1
+    return to_model_range(images.reshape(-1, 2), torch.float64)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -156,11 +158,12 @@ def schedule_of(model: PointModel):
     return make_schedule(model.diffusion.schedule, model.diffusion.timesteps)
 
 
-def sample_points(model: PointModel, num: int, *, sampler: str, steps: int, seed: int) -> torch.Tensor:
+def sample_points(model: PointModel, num: int, *, sampler: str, steps: int, seed: int,
+                  spacing: str | None = None) -> torch.Tensor:
     from pipeline.diffusion.samplers import sample
 
     with torch.no_grad():
-        return sample(model, (num, 2), schedule_of(model), sampler=sampler, steps=steps,
+        return sample(model, (num, 2), schedule_of(model), sampler=sampler, steps=steps, spacing=spacing,
                       prediction=model.diffusion.prediction, clip_x0=True, seed=seed, backend="torch").double()
 
 
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-eval", type=int, default=2000, help="samples per metric")
     parser.add_argument("--samplers", default="ddim:50,dpmpp:20,ddpm:1000",
                         help="comma-separated sampler:steps pairs to score")
-    parser.add_argument("--prediction", choices=["eps", "x0", "v"], default=ToyConfig.prediction,
+    parser.add_argument("--prediction", choices=PREDICTIONS, default=ToyConfig.prediction,
                         help="what the MLP denoiser predicts")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation, batches and noise")
     args = parser.parse_args(argv)

@@ -82,7 +82,7 @@ def make_spec(inference, generator: dict, num_samples: int, shard_size: int) -> 
         "num_samples": num_samples,
         "shard_size": shard_size,
         "source": {"kind": "generated", "checkpoint": str(inference.path), "step": inference.step},
-        "image_size": [vae.image_size] * 2 if vae else [cfg.data.resolution, cfg.data.resolution],
+        "image_size": [vae.image_size] * 2 if vae else list(cfg.data.image_size),
         "channels": vae.in_channels if vae else cfg.data.channels,
         "class_names": [str(c) for c in range(num_classes)] if num_classes else [],
     }

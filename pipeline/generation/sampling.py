@@ -15,6 +15,7 @@ import torch
 
 from pipeline.generation.plan import GenerateError
 from pipeline.generation.settings import PRECISIONS, Sampling
+from pipeline.images import PIXEL_RANGE
 
 
 def default_device() -> str:
@@ -26,24 +27,26 @@ def sample_images(inference, ids: Sequence[int], sampling: Sampling) -> torch.Te
     cfg, model = inference.config, inference.model
     device = next(model.parameters()).device
     if cfg.model.type == "vae":
-        return model.sample(len(ids), generator=torch.Generator(device).manual_seed(sampling.seed)).clamp(-1, 1)
+        return model.sample(len(ids), generator=torch.Generator(device).manual_seed(sampling.seed)).clamp(*PIXEL_RANGE)
     from pipeline.diffusion.samplers import sample
-    from pipeline.factory import build_schedule, image_shape
+    from pipeline.factory import build_schedule
 
     ids = torch.as_tensor(list(ids), dtype=torch.int64)
     labels = class_labels(ids.tolist(), sampling.classes)
-    shape = (len(ids), cfg.data.channels, *image_shape(cfg))
+    shape = (len(ids), cfg.data.channels, *cfg.data.image_size)
     with torch.no_grad():
         x = sample(lambda x, t, y: model(x, t, y), shape, build_schedule(cfg).to(device),
                    sampler=sampling.sampler, steps=sampling.steps, eta=sampling.eta,
                    prediction=cfg.diffusion.prediction, guidance=sampling.guidance,
                    y=None if labels is None else labels.to(device), null_class=cfg.model.num_classes,
-                   clip_x0=inference.vae is None, seed=sampling.seed, sample_ids=ids.to(device))
+                   clip_x0=inference.vae is None, seed=sampling.seed, sample_ids=ids.to(device),
+                   corrector_steps=sampling.corrector_steps, corrector_snr=sampling.corrector_snr,
+                   spacing=sampling.spacing)
     if inference.vae is not None:  # a latent model: images are the VAE's decoding of the sampled latents
         from pipeline.latent import decode_latents
 
         x = decode_latents(inference.vae, x, cfg.model.latent_scale)
-    return x.clamp(-1, 1)
+    return x.clamp(*PIXEL_RANGE)
 
 
 def class_labels(ids: Sequence[int], classes: list[int] | None) -> torch.Tensor | None:

@@ -15,10 +15,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pipeline.conventions import SAMPLERS
+import warnings
+
+from pipeline.conventions import DEFAULT_SPACING, SAMPLERS, SPACINGS
 from pipeline.errors import PipelineError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SPACING_BEFORE_THE_FLAG = {"ddpm": "linear", "ddim": "linear", "dpmpp": "logsnr"}
+STABLE_SPACINGS = {"dpmpp": ("logsnr",)}  # DPM-Solver++(2M) at few steps, measured (benchmarks/eval_spacing.py)
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_BATCH_SIZE = 256
 CHECKPOINT_HELP = "an export .safetensors, a run folder (its newest export) or a checkpoint folder"
@@ -26,6 +30,10 @@ CHECKPOINT_HELP = "an export .safetensors, a run folder (its newest export) or a
 
 class SettingsError(PipelineError, ValueError):
     """A flag value the command cannot use: the message names the flag, the value and what is allowed."""
+
+
+class SamplingWarning(UserWarning):
+    """Settings that work but are known to sample poorly."""
 
 
 def flag(help: str, default: Any = dataclasses.MISSING, **argparse_kwargs) -> Any:
@@ -42,6 +50,20 @@ class Sampling:
     guidance: float
     seed: int
     classes: Optional[list[int]]  # sample i is conditioned on classes[i % len(classes)]; None: unconditional
+    corrector_steps: int = 0
+    corrector_snr: float = 0.1
+    spacing: Optional[str] = None
+
+    def record(self) -> dict:
+        """These settings as data. The corrector only when it is used and the spacing only when it is not the
+        one every sampler used before --spacing existed, so folders and shards written before keep their
+        bytes and resume."""
+        record = dataclasses.asdict(self)
+        if not self.corrector_steps:
+            del record["corrector_steps"], record["corrector_snr"]
+        if self.spacing == SPACING_BEFORE_THE_FLAG.get(self.sampler):
+            del record["spacing"]
+        return record
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +80,12 @@ class SamplerSettings:
     classes: Optional[list[int]] = flag("class ids to condition on, cycled by sample id (default: all classes of a "
                                         "class-conditional model)", None)
     seed: int = flag("noise seed: sample i depends only on (seed, i)", 0)
+    spacing: Optional[str] = flag("which steps a short run takes: linear in t, trailing (from the last step, "
+                                  f"none at t = 0) or logsnr (default per sampler: {DEFAULT_SPACING})", None,
+                                  choices=SPACINGS)
+    corrector_steps: int = flag("Langevin corrector steps after each predictor step but the last (0 = none; "
+                                "each costs one more model call)", 0)
+    corrector_snr: float = flag("the corrector's signal-to-noise ratio r (its step size)", 0.1)
     device: Optional[str] = flag("torch device (default: cuda:$LOCAL_RANK if available, else cpu)", None)
 
     def __post_init__(self):
@@ -65,6 +93,9 @@ class SamplerSettings:
             raise SettingsError(f"--steps must be >= 1, got {self.steps}")
         if self.eta < 0:
             raise SettingsError(f"--eta must be >= 0 (the DDIM noise level), got {self.eta}")
+        if self.corrector_steps < 0 or self.corrector_snr <= 0:
+            raise SettingsError(f"--corrector-steps must be >= 0 and --corrector-snr > 0, got "
+                                f"{self.corrector_steps}, {self.corrector_snr}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
@@ -85,20 +116,35 @@ class SamplerSettings:
             if self.classes or (self.guidance is not None and self.guidance != 1.0):
                 raise SettingsError(f"--checkpoint {self.checkpoint} is an unconditional model: --classes and "
                                     "--guidance need a class-conditional model (model.num_classes)")
-            return Sampling(sampler, int(steps), float(self.eta), 1.0, int(self.seed), None)
+            return Sampling(sampler, int(steps), float(self.eta), 1.0, int(self.seed), None, *self._corrector(),
+                            self._spacing(sampler))
         classes = list(range(num_classes)) if not self.classes else [int(c) for c in self.classes]
         bad = [c for c in classes if not 0 <= c < num_classes]
         if bad:
             raise SettingsError(f"--classes {bad} out of range: the model has classes 0..{num_classes - 1}")
         guidance = float(d.guidance if self.guidance is None else self.guidance)
-        return Sampling(sampler, int(steps), float(self.eta), guidance, int(self.seed), classes)
+        return Sampling(sampler, int(steps), float(self.eta), guidance, int(self.seed), classes, *self._corrector(),
+                        self._spacing(sampler))
+
+    def _corrector(self) -> tuple[int, float]:
+        return int(self.corrector_steps), float(self.corrector_snr)
+
+    def _spacing(self, sampler: str) -> str:
+        spacing = self.spacing or DEFAULT_SPACING[sampler]
+        if spacing not in STABLE_SPACINGS.get(sampler, SPACINGS):
+            warnings.warn(f"--spacing {spacing} with --sampler {sampler}: {sampler} is inaccurate at few steps with "
+                          f"this spacing (see README: samplers); its stable spacing is "
+                          f"{' or '.join(STABLE_SPACINGS[sampler])}", SamplingWarning, stacklevel=3)
+        return spacing
 
     def _sampling_for_vae(self, config) -> Sampling:
-        given = [name for name in ("sampler", "steps", "guidance", "classes") if getattr(self, name) is not None]
-        given += ["eta"] if self.eta != 0 else []
+        given = [name for name in ("sampler", "steps", "guidance", "classes", "spacing")
+                 if getattr(self, name) is not None]
+        given += [name for name in ("eta", "corrector_steps") if getattr(self, name) != 0]
         if given:
             raise SettingsError(f"--checkpoint {self.checkpoint} is a {config.model.type} model: "
-                                f"{', '.join('--' + g for g in given)} apply to diffusion (ddpm) models only")
+                                f"{', '.join('--' + g.replace('_', '-') for g in given)} apply to diffusion (ddpm) "
+                                "models only")
         return Sampling(None, None, 0.0, 1.0, int(self.seed), None)
 
 

@@ -50,8 +50,8 @@ def shard_samples(inference, sampling: Sampling, ids: range, batch_size: int) ->
     """The shard-format samples of `ids`: png, cls (the class conditioned on, -1 if none), json metadata."""
     from pipeline.images import to_uint8
 
-    meta = {"seed": sampling.seed, "sampler": sampling.sampler, "steps": sampling.steps, "eta": sampling.eta,
-            "guidance": sampling.guidance, "model_hash": inference.model_hash}
+    meta = {**sampling.record(), "model_hash": inference.model_hash}
+    del meta["classes"]  # each sample's own class is its cls
     for batch, images in sample_batches(inference, sampling, ids, batch_size):
         labels = class_labels(batch, sampling.classes)
         for row, (sample_id, image) in enumerate(zip(batch, to_uint8(images))):

@@ -144,9 +144,9 @@ def test_sampler_reproduces_gaussian_mixture(sampler, steps, kw):
 
 def test_langevin_corrector_moves_a_coarse_sampler_towards_the_data():
     n, reference = 2000, MIXTURE.sample(20000, seed=6)
-    plain = samplers.sample(mixture_eps, (n, 2), SCHEDULE, sampler="ddim", steps=20, clip_x0=False, seed=2)
-    corrected = samplers.sample(mixture_eps, (n, 2), SCHEDULE, sampler="ddim", steps=20, clip_x0=False, seed=2,
-                                corrector_steps=2, corrector_snr=0.3)
+    coarse = {"sampler": "ddim", "steps": 20, "spacing": "linear", "clip_x0": False, "seed": 2}
+    plain = samplers.sample(mixture_eps, (n, 2), SCHEDULE, **coarse)
+    corrected = samplers.sample(mixture_eps, (n, 2), SCHEDULE, **coarse, corrector_steps=2, corrector_snr=0.3)
     # 20 deterministic DDIM steps shrink the spread; Langevin steps with the exact score restore part of it
     plain_error = (plain.double().std(0) - reference.std(0)).abs()
     corrected_error = (corrected.double().std(0) - reference.std(0)).abs()

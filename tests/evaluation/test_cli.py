@@ -62,6 +62,13 @@ def test_same_seed_same_subset_and_metrics(capsys, shard_sets):
     assert first == second
 
 
+def test_kid_is_reported_with_its_units_and_what_its_spread_means(capsys, shard_sets):
+    code, out = evaluate(capsys, "--real", shard_sets["real"], "--fake", shard_sets["held_out"], "--num", 300)
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert "cubic kernel" in result["kid_units"] and "subsets of 150 per set" in result["kid_spread"]
+    assert "kid: squared MMD" in out.out
+
+
 @pytest.mark.parametrize("bad, message", [
     (("--fake", "{tmp}/missing"), "does not exist"),
     (("--fake", "{tmp}"), "manifest.json"),

@@ -10,8 +10,9 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.ingest import prepare
 from pipeline.diffusion.likelihood import bits_per_dim
-from pipeline.evaluation.likelihood import to_model_range, vae_bounds
+from pipeline.evaluation.likelihood import vae_bounds
 from pipeline.factory import build_model, build_schedule
+from pipeline.images import to_model_range
 
 
 @pytest.fixture(scope="module")
