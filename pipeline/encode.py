@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-import torch
 
 from pipeline.data import destination, shards
 from pipeline.generation import settings as settings_module
@@ -31,6 +30,9 @@ from pipeline.generation.plan import (SPEC_NAME, DoneRecords, GenerateError, ass
                                       claim_folder, num_shards, rank_from_env, rebuild_manifest)
 from pipeline.generation.settings import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, CHECKPOINT_HELP, flag
 from pipeline.images import to_model_range
+from pipeline.lazy import lazy_import
+
+torch = lazy_import("torch")  # loaded on first use, so `--help` and flag errors answer at once
 
 SPEC_FORMAT = "pipeline-latents/1"
 SCALE_SAMPLES = 1024  # posterior means the scale factor is measured on (the set's first samples)
@@ -121,11 +123,11 @@ def images_of(samples: list[dict], vae) -> torch.Tensor:
     return to_model_range(torch.from_numpy(np.stack(arrays)))
 
 
-@torch.no_grad()
 def posterior_means(vae, samples: list[dict], batch_size: int) -> torch.Tensor:
     device = next(vae.parameters()).device
-    means = [vae.encode(images_of(samples[i:i + batch_size], vae).to(device))[0].float().cpu()
-             for i in range(0, len(samples), batch_size)]
+    with torch.no_grad():
+        means = [vae.encode(images_of(samples[i:i + batch_size], vae).to(device))[0].float().cpu()
+                 for i in range(0, len(samples), batch_size)]
     return torch.cat(means)
 
 

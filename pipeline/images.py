@@ -6,19 +6,21 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pipeline.io import atomic_write_bytes
+from pipeline.lazy import lazy_import
+
+torch = lazy_import("torch")  # command modules import this one to build their parsers
 
 
 PIXEL_RANGE = (-1.0, 1.0)  # what models see and produce: 8-bit level u is u / LEVEL_SCALE - 1
 LEVEL_SCALE = 127.5
 
 
-def to_model_range(levels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """8-bit levels 0..255 (any shape) -> floats in [-1, 1] on the 256-value grid."""
-    return levels.to(dtype) / LEVEL_SCALE - 1.0
+def to_model_range(levels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """8-bit levels 0..255 (any shape) -> floats in [-1, 1] on the 256-value grid (float32 unless `dtype`)."""
+    return levels.to(dtype or torch.float32) / LEVEL_SCALE - 1.0
 
 
 def to_levels(x: torch.Tensor) -> torch.Tensor:
