@@ -26,12 +26,12 @@ def flops_per_image(config: Config, train: bool = True) -> float:
     """Model FLOPs for one image: forward (+ backward when `train`) of the configured network."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.factory import build_model, image_shape
+    from pipeline.factory import build_model
 
     batch = 2
     with torch.device("meta"):
         model = build_model(config)
-        x = torch.zeros(batch, config.data.channels, *image_shape(config))
+        x = torch.zeros(batch, config.data.channels, *config.data.image_size)
         t = torch.zeros(batch, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
         # y=None: a class label adds an embedding lookup (no FLOPs), and its range check needs real values
