@@ -129,7 +129,8 @@ def test_vectorised_philox_is_bit_identical_to_the_previous_one():
             assert torch.equal(fast, slow)
 
 
-@pytest.mark.parametrize("seed, stream, shape", [(0, 5, (1, 8, 8)), (2**64 - 1, 2**32 - 1, (3, 7, 5))])
+@pytest.mark.parametrize("seed, stream, shape", [(0, 5, (1, 8, 8)), (2**64 - 1, 2**32 - 1, (3, 7, 5)),
+                                                 (12345, 3, (3, 65, 70))])  # 5 x 3413 groups: > 1 chunk
 def test_randn_is_bit_identical_to_the_previous_release(seed, stream, shape):
     ids = torch.tensor([0, 1, 2**31, 2**32 - 1, 77])
     expected = _randn_oracle(seed, stream, ids, int(torch.tensor(shape).prod()))
