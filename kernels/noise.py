@@ -6,8 +6,8 @@ Philox4x32-10 with key (seed lo, seed hi) and counter (j // 4, sample_id, stream
 Box-Muller (`pair_uniform_to_normal`); element j takes output j % 4. So every one of the four
 outputs of a Philox call is used, and the noise never depends on batch, rank or block size.
 
-`randn` is the CPU reference (numpy uint32 words for Philox, torch float32 for Box-Muller). `normal4` / `noise_tile`
-are the same generator as `@triton.jit` device functions, used inside the fused kernels.
+`randn` is the CPU reference (Philox in numpy on uint64 arrays of uint32 words, Box-Muller in torch float32).
+`normal4` / `noise_tile` are the same generator as `@triton.jit` device functions, used inside the fused kernels.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def uint_to_uniform_float(x: np.ndarray, out: torch.Tensor) -> torch.Tensor:
 
 
 def pair_uniform_to_normal(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton's Box-Muller transform, in float32."""
+    """Triton's Box-Muller transform, in float32: the readable definition (`randn` runs the same ops in place)."""
     u1 = torch.clamp(u1, min=1.0e-7)
     theta = torch.tensor(TWO_PI, dtype=torch.float32) * u2
     radius = torch.sqrt(-2.0 * torch.log(u1))
