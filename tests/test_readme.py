@@ -49,6 +49,8 @@ def help_options(target: str, is_module: bool, capsys, monkeypatch) -> set[str]:
     monkeypatch.syspath_prepend(str(REPO))
     with pytest.raises(SystemExit) as done:
         if is_module:
+            # runpy warns when the module is already imported (an earlier test did); run it fresh
+            monkeypatch.delitem(sys.modules, target, raising=False)
             runpy.run_module(target, run_name="__main__")
         else:
             runpy.run_path(str(REPO / target), run_name="__main__")
