@@ -25,7 +25,7 @@ setup(
         "safetensors>=0.4",
         "tensorboard>=2.10",
         "scikit-learn>=1.2",  # ships the real 8x8 digits: the embedded default data set
-        "scipy>=1.10",  # matrix square root for Fréchet distances, two-sample tests
+        "scipy>=1.10",  # RK45 reference for the probability-flow ODE likelihood (method="scipy"); tests use it too
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6.100"]},
     entry_points={"console_scripts": ["diffusion-pipeline=pipeline.cli:main", "diffusion-launch=launch.cli:main"]},
