@@ -1,7 +1,7 @@
 """`python -m pipeline encode`: an image shard set -> a latent shard set through a trained VAE.
 
 The output is a generation-style folder (the planning, done records, folder claim and manifest of
-`pipeline.generate` are reused as they are): shard s holds the samples at positions [s * K, (s + 1) * K) of the
+`pipeline.generation.plan` are reused as they are): shard s holds the samples at positions [s * K, (s + 1) * K) of the
 input set (in its manifest's order), so the split over array tasks (`--task-index/--num-tasks`) and ranks
 (RANK/WORLD_SIZE) changes nothing in the bytes; a rerun skips finished shards.
 

@@ -1,4 +1,4 @@
-"""Networks: the noise-prediction UNet and the convolutional VAE."""
+"""Networks: the DDPM denoisers (UNet, DiT, MLP for 2-D points) and the convolutional VAE."""
 from .unet import UNet, drop_labels
 from .vae import VAE
 
