@@ -1,6 +1,7 @@
 """Benchmark the adaLN kernels (modulated LayerNorm, gated residual) against copy bandwidth, eager and compile.
 
-    python -m kernels.bench_adaln [--sizes 16,64,256] [--dtypes float32,bfloat16] [--hidden 1152] [--csv PATH] [--no-compile]
+    python -m kernels.bench_adaln [--sizes 16,64,256] [--dtypes float32,bfloat16] [--hidden 1152] [--csv PATH]
+        [--no-compile]
 
 Tokens are (B, 256, hidden) (a DiT on 32x32 latents with patch 2; hidden 1152 = DiT-XL). Each op is timed
 forward only and forward + autograd backward through the public API; bandwidth counts the MINIMUM bytes

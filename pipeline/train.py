@@ -3,7 +3,8 @@
 One code path from 1 CPU process (gloo) to N nodes x G GPUs (NCCL): the rank layout comes from the usual
 environment variables (torchrun, `deepspeed`, or the SLURM launcher in `launch/`). Re-running the same command
 resumes from the newest complete checkpoint. On SIGTERM/SIGUSR1/SIGUSR2 the current step finishes, every rank
-checkpoints, and the process exits with EXIT_PREEMPTED (75, `EXIT_REQUEUE` of pipeline/conventions.py) so a launcher can requeue it.
+checkpoints, and the process exits with EXIT_PREEMPTED (75, `EXIT_REQUEUE` of pipeline/conventions.py) so a
+launcher can requeue it.
 
 Determinism (what makes resume, rank-count and accumulation equivalence exact): timesteps and label dropout for
 a step are drawn for the GLOBAL batch (micro-batch x ranks x accumulation steps) from a generator seeded by

@@ -3,7 +3,8 @@
 A shard folder holds `shard-%06d.tar` files and a `manifest.json`. Each sample in a tar has the key
 `%09d` (its global sample id) and three members: `png` (lossless 8-bit L or RGB), `cls` (integer text,
 -1 when unlabeled) and `json` (at least `source_index`); a latent set (`encode`) carries `npy` (the latent)
-instead of `png`. Ingest (`prepare`), generation and `encode` all write through this module, so a generated set can be read by the same loader as a real one.
+instead of `png`. Ingest (`prepare`), generation and `encode` all write through this module, so a generated
+set can be read by the same loader as a real one.
 
 Every file is written to a temporary name in the same folder, fsynced and renamed, so a reader (or a
 re-run after a crash) never sees a half-written shard or manifest. Tar members carry a fixed mtime,
