@@ -1,9 +1,9 @@
 """Rank wiring: turn submitit's JobEnvironment (SLURM or local variables) into torchrun-style variables.
 
 The pipeline's trainer reads RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (as torchrun sets them;
-LOCAL_WORLD_SIZE and NODE_RANK are set too) and hands them to `deepspeed.init_distributed`. Every task computes the same values on its own, without talking
-to the others: the master is the first node of the allocation and the port is a function of the job id and
-its requeue count (SLURM_RESTART_COUNT).
+LOCAL_WORLD_SIZE and NODE_RANK are set too) and hands them to `deepspeed.init_distributed`. Every task computes
+the same values on its own, without talking to the others: the master is the first node of the allocation and
+the port is a function of the job id and its requeue count (SLURM_RESTART_COUNT).
 """
 from __future__ import annotations
 
