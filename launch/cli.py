@@ -20,9 +20,9 @@ from pathlib import Path
 from launch.executors import CLUSTERS, Resources, make_executor, resolve_cluster, sbatch_script, submit
 from launch.requeue import PipelineTask, pipeline_command
 from pipeline.cli import OneLineParser, count, non_negative
+from pipeline.conventions import COLLECTIVE_TIMEOUT_ENV
 from pipeline.errors import PipelineError
 
-COLLECTIVE_TIMEOUT_ENV = "PIPELINE_COLLECTIVE_TIMEOUT_S"  # read by pipeline.train.init_distributed
 
 TASK_SPLIT_FLAGS = ("--task-index", "--num-tasks")
 SUBMITIT_DIR = ".submitit"  # under OUT; a dot name, which `pipeline generate` tolerates in its output folder

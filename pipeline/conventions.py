@@ -17,3 +17,7 @@ DEFAULT_SPACING = {"ddpm": "linear", "ddim": "logsnr", "dpmpp": "logsnr"}
 # Exit status of a command stopped by a signal after checkpointing (EX_TEMPFAIL from sysexits.h): rerunning
 # the same command continues. `pipeline train` exits with it; `launch` requeues the job when it sees it.
 EXIT_REQUEUE = 75
+
+# Seconds a collective waits for the other ranks before failing the job (a dead or frozen node ends the job
+# instead of hanging it): `launch --collective-timeout` sets it, `pipeline train` reads it.
+COLLECTIVE_TIMEOUT_ENV = "PIPELINE_COLLECTIVE_TIMEOUT_S"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.cli import input_file, output_folder
 from pipeline.config import Config, ConfigError, load_config, save_config, to_dict
-from pipeline.conventions import EXIT_REQUEUE
+from pipeline.conventions import COLLECTIVE_TIMEOUT_ENV, EXIT_REQUEUE
 from pipeline.io import atomic_write_text
 from pipeline.lazy import lazy_import
 
@@ -33,7 +33,6 @@ torch = lazy_import("torch")  # loaded by the first use, so `--help` and config 
 
 EXIT_PREEMPTED = EXIT_REQUEUE  # stopped by a signal after a checkpoint; rerun (requeue) to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-COLLECTIVE_TIMEOUT_ENV = "PIPELINE_COLLECTIVE_TIMEOUT_S"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600  # DeepSpeed's own default, now stated and changeable
 
 
