@@ -63,15 +63,9 @@ class EncodeError(GenerateError):
 
 
 def load_vae(path: str, device: str):
-    from pipeline.checkpoint import CheckpointError, load_for_inference
+    from pipeline.generation.sampling import load_of_type
 
-    try:
-        inference = load_for_inference(path, device=device)
-    except CheckpointError as exn:
-        raise EncodeError(f"cannot load --vae {path}: {exn}") from None
-    if inference.config.model.type != "vae":
-        raise EncodeError(f"--vae {path} is a {inference.config.model.type} model, not a VAE")
-    return inference
+    return load_of_type(path, device, model_type="vae", flag="--vae", error=EncodeError)
 
 
 class InputSet:

@@ -56,18 +56,22 @@ def class_labels(ids: Sequence[int], classes: list[int] | None) -> torch.Tensor 
     return torch.tensor([classes[i % len(classes)] for i in ids], dtype=torch.int64)
 
 
-def load_model(checkpoint: str, device: str):
-    """load_for_inference of a diffusion model, with its errors turned into user errors naming the checkpoint."""
+def load_of_type(path: str, device: str, *, model_type: str, flag: str, error: type, why: str = ""):
+    """load_for_inference of a `model_type` model, its errors turned into `error`s naming `flag` and the path."""
     from pipeline.checkpoint import CheckpointError, load_for_inference
 
     try:
-        inference = load_for_inference(checkpoint, device=device)
+        inference = load_for_inference(path, device=device)
     except CheckpointError as exn:
-        raise GenerateError(f"cannot load --checkpoint {checkpoint}: {exn}") from None
-    if inference.config.model.type != "ddpm":
-        raise GenerateError(f"--checkpoint {checkpoint} is a {inference.config.model.type} model; generate needs a "
-                            "diffusion (ddpm) model, whose noise is keyed by sample id")
+        raise error(f"cannot load {flag} {path}: {exn}") from None
+    if inference.config.model.type != model_type:
+        raise error(f"{flag} {path} is a {inference.config.model.type} model, not a {model_type} model{why}")
     return inference
+
+
+def load_model(checkpoint: str, device: str):
+    return load_of_type(checkpoint, device, model_type="ddpm", flag="--checkpoint", error=GenerateError,
+                        why=": generate needs a diffusion model, whose noise is keyed by sample id")
 
 
 # ---------------------------------------------------------------- sampling fast
