@@ -11,7 +11,7 @@ setup(
     description="DDPM/VAE training on DeepSpeed, fused Triton kernels, sharded generation, SLURM launch",
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*", "kernels", "kernels.*", "launch", "launch.*"]),
-    package_data={"pipeline": ["evaluation/weights/*"]},
+    package_data={"pipeline": ["evaluation/weights/*"], "kernels": ["*.c"]},  # philox.c: built at first use
     install_requires=[
         "torch>=2.3",
         "triton>=3.0",

@@ -2,14 +2,16 @@
 
 The plain update is what a minimal sampler would write: x0 from eps, the linear update, and (for a stochastic
 step) `torch.randn_like` noise. The pipeline's step draws counter-based Philox noise instead (the determinism
-contract), and none at all where sigma = 0 (DDIM eta=0, DPM-Solver++). Interleaved repetitions, medians
-(min-max), one thread (the project's CPU setting for small tensors).
+contract), and none at all where sigma = 0 (DDIM eta=0, DPM-Solver++); its Philox runs in C (`kernels/native.py`),
+and the third contender is the same step with the numpy Philox a machine without a C compiler falls back to.
+Interleaved repetitions, medians (min-max), one thread (the project's CPU setting for small tensors).
 
     python benchmarks/sampler_update_cpu.py [--repeats 7]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -40,7 +42,23 @@ def contenders(shape, sigma: float):
     def pipeline():
         return sampler_update(x, eps, coeffs, prediction="eps", sample_ids=ids, stream=3, backend="torch")
 
-    return {"plain torch": plain, "pipeline": pipeline}
+    def pipeline_numpy_philox():  # what a machine without a C compiler runs (kernels/native.py)
+        with numpy_philox():
+            return pipeline()
+
+    return {"plain torch": plain, "pipeline": pipeline, "numpy Philox": pipeline_numpy_philox}
+
+
+@contextlib.contextmanager
+def numpy_philox():
+    from kernels import native
+
+    compiled = native.philox_uniforms
+    native.philox_uniforms = lambda: None
+    try:
+        yield
+    finally:
+        native.philox_uniforms = compiled
 
 
 def main() -> None:
@@ -49,13 +67,15 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     print(f"CPU, 1 thread; {load_note()}")
-    print(f"{'shape':<18} {'sigma':>5}  {'plain torch ms':>22}  {'pipeline ms':>22}  {'ratio':>6}")
+    print(f"{'shape':<18} {'sigma':>5}  {'plain torch ms':>22}  {'pipeline ms':>22}  {'ratio':>6}  "
+          f"{'with numpy Philox ms':>22}  {'ratio':>6}")
     for shape in SHAPES:
         for sigma in (0.0, 0.5):
             t = interleaved(contenders(shape, sigma), repeats=args.repeats)
-            ratio = statistics.median(t["pipeline"]) / statistics.median(t["plain torch"])
+            plain = statistics.median(t["plain torch"])
             print(f"{'x'.join(map(str, shape)):<18} {sigma:>5}  {summary(t['plain torch']):>22}  "
-                  f"{summary(t['pipeline']):>22}  {ratio:>5.2f}x")
+                  f"{summary(t['pipeline']):>22}  {statistics.median(t['pipeline']) / plain:>5.2f}x  "
+                  f"{summary(t['numpy Philox']):>22}  {statistics.median(t['numpy Philox']) / plain:>5.2f}x")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Philox4x32-10 with key (seed lo, seed hi) and counter (j // 4, sample_id, stream
 Box-Muller (`pair_uniform_to_normal`); element j takes output j % 4. So every one of the four
 outputs of a Philox call is used, and the noise never depends on batch, rank or block size.
 
-`randn` is the CPU reference (Philox in numpy on uint64 arrays of uint32 words, Box-Muller in torch float32).
+`randn` is the CPU reference: Philox in C (`kernels/philox.c`, built at first use) or, without a compiler, in
+numpy on uint64 arrays of uint32 words (the same bits); Box-Muller in torch float32.
 `normal4` / `noise_tile` are the same generator as `@triton.jit` device functions, used inside the fused kernels.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from . import native
 
 MASK32 = 0xFFFFFFFF
 # Philox4x32 constants, exactly those of triton/language/random.py (philox_impl, uint32 branch).
@@ -95,9 +98,9 @@ def check_stream(stream: int) -> int:
     return stream
 
 
-# Philox groups per pass of `randn`: the working set (6 uint64 arrays, ~0.8 MB) stays in the L2 cache between the
-# ~120 elementwise passes. Measured (randn, 65536 groups): 4096 and 8192 groups slower (per-pass overhead
-# dominates), 32768 no faster.
+# Philox groups per pass of `randn`: the working set stays in the L2 cache between the passes (Box-Muller's
+# ~10 over 4 float32 planes, 256 KB; the numpy Philox's ~120 over 6 uint64 arrays, ~0.8 MB). Measured with the
+# numpy Philox (randn, 65536 groups): 4096 and 8192 groups slower (per-pass overhead dominates), 32768 no faster.
 CHUNK_GROUPS = 16384
 
 
@@ -105,7 +108,8 @@ def randn(seed: int, stream: int, sample_ids: torch.Tensor, shape: Sequence[int]
     """Counter-based N(0, 1) noise, float32, shaped (len(sample_ids), *shape), on sample_ids' device.
 
     Row r holds the noise of global sample `sample_ids[r]`: the same values whatever else is in the batch.
-    Computed on the CPU (the kernels draw it on the GPU themselves) in chunks of CHUNK_GROUPS Philox groups.
+    Computed on the CPU (the kernels draw it on the GPU themselves) in chunks of CHUNK_GROUPS Philox groups:
+    uniforms from the C Philox (`kernels.native`) or, without a C compiler, the numpy one; then Box-Muller.
     """
     key = seed_key(seed)
     check_stream(stream)
@@ -118,26 +122,38 @@ def randn(seed: int, stream: int, sample_ids: torch.Tensor, shape: Sequence[int]
         numel *= s
     rows = len(sample_ids)
     groups = (numel + 3) // 4  # one Philox call serves 4 consecutive elements
-    # Counters of all (row, group) pairs in row-major order: (group, sample id, stream, 0).
-    group_of = np.tile(np.arange(groups, dtype=np.uint32), rows)
-    id_of = np.repeat((sample_ids.cpu().numpy().astype(np.int64) & MASK32).astype(np.uint32), groups)
+    ids = np.ascontiguousarray((sample_ids.cpu().numpy().astype(np.int64) & MASK32).astype(np.uint32))
     out = torch.empty(rows * groups, 4, dtype=torch.float32)
     for start in range(0, rows * groups, CHUNK_GROUPS):
         stop = min(start + CHUNK_GROUPS, rows * groups)
-        words = [group_of[start:stop].astype(np.uint64), id_of[start:stop].astype(np.uint64),
-                 np.full(stop - start, stream, np.uint64), np.zeros(stop - start, np.uint64)]
-        _philox_rounds(words, key)
-        _box_muller_into(words, out[start:stop])
+        uniforms = torch.empty(4, stop - start, dtype=torch.float32)
+        philox_uniforms(ids, groups, start, stop, stream, key, uniforms)
+        _box_muller_into(uniforms, out[start:stop])
     return out.reshape(rows, groups * 4)[:, :numel].reshape(rows, *shape).to(sample_ids.device)
 
 
-def _box_muller_into(words: list[np.ndarray], out: torch.Tensor) -> None:
-    """pair_uniform_to_normal of the four words' uniforms, in place, written as out[:, 0..3] = n0..n3.
+def philox_uniforms(ids: np.ndarray, groups: int, start: int, stop: int, stream: int, key: tuple[int, int],
+                    out: torch.Tensor) -> None:
+    """out[l, i - start] = uniform of Philox output l for counter (i % groups, ids[i // groups], stream, 0), for
+    i in [start, stop): the C loop when it could be built, else the same in numpy."""
+    compiled = native.philox_uniforms()
+    if compiled is not None:
+        compiled(ids.ctypes.data, groups, start, stop, stream, key[0], key[1], out.data_ptr())
+        return
+    index = np.arange(start, stop, dtype=np.uint64)
+    words = [index % np.uint64(groups), ids[index // np.uint64(groups)].astype(np.uint64),
+             np.full(stop - start, stream, np.uint64), np.zeros(stop - start, np.uint64)]
+    _philox_rounds(words, key)
+    for lane, word in enumerate(words):
+        uint_to_uniform_float(word, out[lane])
+
+
+def _box_muller_into(uniforms: torch.Tensor, out: torch.Tensor) -> None:
+    """pair_uniform_to_normal of the (4, n) uniforms, in place, written as out[:, 0..3] = n0..n3.
 
     The same float32 operations in the same order as pair_uniform_to_normal, so the same bits.
     """
-    u = [uint_to_uniform_float(w, torch.empty(len(w), dtype=torch.float32)) for w in words]
-    for (u1, u2), lanes in (((u[0], u[1]), (0, 1)), ((u[2], u[3]), (2, 3))):
+    for (u1, u2), lanes in (((uniforms[0], uniforms[1]), (0, 1)), ((uniforms[2], uniforms[3]), (2, 3))):
         radius = u1.clamp_(min=1.0e-7).log_().mul_(-2.0).sqrt_()
         theta = u2.mul_(TWO_PI_F32)
         torch.mul(radius, torch.cos(theta), out=out[:, lanes[0]])

@@ -129,9 +129,59 @@ def test_vectorised_philox_is_bit_identical_to_the_previous_one():
             assert torch.equal(fast, slow)
 
 
+@pytest.fixture(params=["C", "numpy"])
+def philox_in(request, monkeypatch, tmp_path):
+    """`randn` with its Philox in C (built here into a fresh cache) or in numpy (what a machine without a C
+    compiler runs)."""
+    from kernels import native
+
+    monkeypatch.setenv(native.ENV_DIR, str(tmp_path / "native"))
+    if request.param == "numpy":
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+    native.philox_uniforms.cache_clear()
+    yield request.param
+    native.philox_uniforms.cache_clear()
+
+
 @pytest.mark.parametrize("seed, stream, shape", [(0, 5, (1, 8, 8)), (2**64 - 1, 2**32 - 1, (3, 7, 5)),
                                                  (12345, 3, (3, 65, 70))])  # 5 x 3413 groups: > 1 chunk
-def test_randn_is_bit_identical_to_the_previous_release(seed, stream, shape):
+def test_randn_is_bit_identical_to_the_previous_release(seed, stream, shape, philox_in):
+    from kernels import native
+
+    assert (native.philox_uniforms() is not None) == (philox_in == "C")  # the fast path is really the one run
     ids = torch.tensor([0, 1, 2**31, 2**32 - 1, 77])
     expected = _randn_oracle(seed, stream, ids, int(torch.tensor(shape).prod()))
     assert torch.equal(randn(seed, stream, ids, shape).reshape(len(ids), -1), expected)
+
+
+def test_without_a_c_compiler_randn_falls_back_to_the_same_bits(monkeypatch, tmp_path):
+    from kernels import native
+
+    ids, shape = torch.tensor([3, 2**32 - 1]), (5, 9, 11)
+    expected = _randn_oracle(42, 1, ids, 5 * 9 * 11)
+    monkeypatch.setenv(native.ENV_DIR, str(tmp_path / "native"))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    native.philox_uniforms.cache_clear()
+    try:
+        assert native.philox_uniforms() is None
+        assert torch.equal(randn(42, 1, ids, shape).reshape(2, -1), expected)
+    finally:
+        native.philox_uniforms.cache_clear()
+    assert not list((tmp_path / "native").glob("*"))  # the failed build left no file behind
+
+
+def test_the_c_library_is_built_once_and_reused(monkeypatch, tmp_path):
+    from kernels import native
+
+    monkeypatch.setenv(native.ENV_DIR, str(tmp_path))
+    native.philox_uniforms.cache_clear()
+    try:
+        assert native.philox_uniforms() is not None
+        built = native.library_path()
+        assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary left beside it
+        stamp = built.stat().st_mtime_ns
+        native.philox_uniforms.cache_clear()
+        monkeypatch.setenv("CC", "false")  # a rebuild would now fail: the cached library must be loaded
+        assert native.philox_uniforms() is not None and built.stat().st_mtime_ns == stamp
+    finally:
+        native.philox_uniforms.cache_clear()
