@@ -9,6 +9,8 @@ peak (GPUs) and against a matmul measured in this run in the step's dtype.
 
   python benchmarks/train_throughput.py                                   # tiny config, CPU
   python benchmarks/train_throughput.py --config configs/cifar_ddpm.yaml train.precision=bf16 train.micro_batch=128
+  python benchmarks/train_throughput.py --switch train.channels_last=true --switch train.compile=true
+With --switch, each switch is timed as its own trainer against the one with every switch off, in the same run.
 Prints a table and appends rows to benchmarks/results/train_throughput.csv (device, commit, date per row).
 """
 from __future__ import annotations
@@ -66,6 +68,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per timed repetition")
     p.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (medians are reported)")
     p.add_argument("--csv", default=str(REPO / "benchmarks/results/train_throughput.csv"), help="CSV to append to")
+    p.add_argument("--switch", action="append", default=[], metavar="KEY=VALUE",
+                   help="a speed switch to time as its own trainer beside the one with all switches off (repeat it; "
+                        "with two or more, a trainer with all of them is timed too), e.g. train.compile=true")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.micro_batch=256")
     args = p.parse_args()
 
@@ -76,8 +81,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--source", "digits", "--out", str(tmp / "d")],
                    check=True, cwd=REPO, capture_output=True)  # the trainer's loader needs a shard set to open
-    config = load_config(args.config, [f"data.shards={tmp / 'd'}", "train.sample_every=0", *args.overrides])
-    trainer = Trainer(config, tmp / "run")
+    base = [f"data.shards={tmp / 'd'}", "train.sample_every=0", *args.overrides]
+    variants = {"trainer": []} | {f"+{s}": [s] for s in args.switch}
+    if len(args.switch) > 1:
+        variants["+all"] = args.switch
+    trainers = {name: Trainer(load_config(args.config, base + extra), tmp / f"run-{i}")
+                for i, (name, extra) in enumerate(variants.items())}
+    trainer = trainers["trainer"]
+    config = trainer.config
     d, t, device = config.data, config.train, trainer.device
     gen = torch.Generator().manual_seed(0)
     batch = SimpleNamespace(images=torch.rand(t.micro_batch, d.channels, *d.image_size,
@@ -85,16 +96,19 @@ def main() -> None:
                             labels=torch.randint(0, config.model.num_classes or 1, (t.micro_batch,), generator=gen))
     plain = plain_step(config, device, batch)
 
-    def trainer_steps():
-        for _ in range(args.steps):
-            trainer.train_step([batch] * t.grad_accum)
+    def steps_of(trainer):
+        def run():
+            for _ in range(args.steps):
+                trainer.train_step([batch] * t.grad_accum)
+        return run
 
     def plain_steps():
         for _ in range(args.steps * t.grad_accum):
             plain()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = interleaved({"trainer": trainer_steps, "plain": plain_steps}, repeats=args.repeats, sync=sync)
+    contenders = {name: steps_of(each) for name, each in trainers.items()} | {"plain": plain_steps}
+    times = interleaved(contenders, repeats=args.repeats, sync=sync)  # the warm-up call compiles, untimed
     flops = flops_per_image(config, train=True)
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     matmul, peak = matmul_tflops(device, dtype), peak_tflops(device)
@@ -105,7 +119,7 @@ def main() -> None:
         per_step = statistics.median(seconds) / args.steps
         tflops = images / statistics.median(seconds) * flops / 1e12
         rows.append({**stamp, "config": config.name, "precision": t.precision, "micro_batch": t.micro_batch,
-                     "contender": name, "ms_per_step": round(1000 * per_step, 3),
+                     "contender": name, "switches": " ".join(variants.get(name, [])), "ms_per_step": round(1000 * per_step, 3),
                      "ms_min": round(1000 * min(seconds) / args.steps, 3),
                      "ms_max": round(1000 * max(seconds) / args.steps, 3),
                      "images_per_s": round(images / statistics.median(seconds), 1),
@@ -116,11 +130,15 @@ def main() -> None:
     print(f"{config.name}, {t.precision}, micro-batch {t.micro_batch}, {flops / 1e9:.3g} GFLOP/image fwd+bwd; "
           f"matmul measured {matmul:.3g} TFLOP/s" + (f", data-sheet peak {peak} TFLOP/s" if peak else ""))
     for r in rows:
-        print(f"  {r['contender']:<8} ms/step {summary(times[r['contender']], 1e3 / args.steps):>22}  "
+        print(f"  {r['contender']:<28} ms/step {summary(times[r['contender']], 1e3 / args.steps):>22}  "
               f"{r['images_per_s']:>9} img/s  {r['tflops']:.3g} TFLOP/s  MFU vs matmul {r['mfu_vs_matmul']:.1%}"
               + (f", vs peak {r['mfu_vs_peak']:.1%}" if peak else ""))
     ratio = statistics.median(times["plain"]) / statistics.median(times["trainer"])
     print(f"  trainer images/s = {ratio:.2f}x the plain loop's")
+    for name in variants:
+        if name != "trainer":
+            gain = statistics.median(times["trainer"]) / statistics.median(times[name])
+            print(f"  {name}: images/s = {gain:.2f}x the trainer with every switch off")
     append_csv(args.csv, rows)
 
 

@@ -158,6 +158,11 @@ class TrainConfig:
     loss_backend: Literal["auto", "torch", "triton"] = field(default="auto", metadata=MAY_CHANGE_ON_RESUME)
     # torch's fused AdamW kernel (CPU and CUDA); false: its per-parameter loop
     fused_adam: bool = field(default=True, metadata=MAY_CHANGE_ON_RESUME)
+    # torch.compile the model's forward and backward (the first steps compile, ~1 min; on CPU it needs a C++
+    # compiler); the weights, checkpoints and exports are the same with it on or off
+    compile: bool = field(default=False, metadata=MAY_CHANGE_ON_RESUME)
+    # channels_last memory format for the input images and so the activations (cuDNN's fast bf16 convolutions)
+    channels_last: bool = field(default=False, metadata=MAY_CHANGE_ON_RESUME)
     # consecutive non-finite steps before stopping with an error
     max_nonfinite: int = field(default=20, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
     # testing aid: make these steps' loss NaN

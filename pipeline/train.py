@@ -138,6 +138,27 @@ def deepspeed_config(config: Config) -> dict:
     }
 
 
+def compile_model(model: torch.nn.Module) -> None:
+    """torch.compile in place (`Module.compile`: parameter names, checkpoints and exports stay unchanged) the
+    parts training calls: the model's forward, or those a model names in `compile_units` (a VAE's loss calls its
+    encoder and decoder, not its forward)."""
+    for unit in getattr(model, "compile_units", lambda: [model])():
+        unit.compile()
+
+
+def channels_last_activations(model: torch.nn.Module) -> None:
+    """train.channels_last: every convolution's output in channels_last, so the convolutions, norms and
+    activations between them run their channels_last kernels. The weights stay contiguous (DeepSpeed's broadcast
+    views them as bytes and ZeRO flattens them into contiguous buffers); a convolution with a channels_last input
+    picks the channels_last algorithm anyway. The hook is needed where the input says nothing: a 1-channel image
+    is contiguous and channels_last at once, and the first convolution would keep the contiguous format."""
+    def to_channels_last(module, inputs, output):
+        return output.contiguous(memory_format=torch.channels_last)  # no copy when it already is
+
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_hook(to_channels_last)
+
+
 # ---------------------------------------------------------------- the trainer
 
 class Trainer:
@@ -161,6 +182,13 @@ class Trainer:
         t = config.train
         torch.manual_seed(t.seed)  # the same initial weights on every rank (ZeRO-3 partitions local copies)
         model = build_model(config)
+        if t.channels_last:
+            channels_last_activations(model)
+        if t.compile:
+            compile_model(model)
+            if self.rank == 0:
+                print("train.compile: torch.compile runs during the first step (about a minute on a small CPU; "
+                      "inductor caches it for later runs)", file=sys.stderr, flush=True)
         torch.manual_seed(t.seed * 1000 + self.rank + 1)  # dropout only; everything else is counter-based
         self.loss = build_loss(config, self.device)
         optimizer = GuardedAdamW(model.parameters(), grad_clip=t.grad_clip, partitioned=t.zero_stage > 0,
@@ -269,7 +297,9 @@ class Trainer:
         t = self.config.train
         lo = (accum_index * self.world + self.rank) * t.micro_batch
         part = BatchSlice(self.step, t.micro_batch * self.world * t.grad_accum, lo, lo + t.micro_batch)
-        return self.loss(self.engine, batch.images.to(self.device, self.dtype), batch.labels, part)
+        layout = torch.channels_last if t.channels_last else torch.contiguous_format
+        images = batch.images.to(self.device, self.dtype, memory_format=layout)
+        return self.loss(self.engine, images, batch.labels, part)
 
     def train_step(self, micro_batches) -> dict:
         """One optimizer step over `grad_accum` micro-batches; returns the step's loss statistics."""

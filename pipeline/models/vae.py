@@ -95,6 +95,10 @@ class VAE(nn.Module):
         recon, kl = self.reconstruction_nll(x, params), gaussian_kl_standard_normal(mu, logvar)
         return {"recon": recon, "kl": kl, "nelbo": recon + kl}
 
+    def compile_units(self) -> list[nn.Module]:
+        """What `train.compile` compiles: the loss runs the encoder and decoder, not `forward`."""
+        return [self.encoder, self.decoder]
+
     def loss(self, x: torch.Tensor, beta: float = 1.0, generator: torch.Generator | None = None):
         """(loss, metrics): loss = mean over the batch of (recon + beta KL) per data dimension (nats/dim, so the
         learning rate does not depend on the image size); metrics (detached) hold recon and kl in nats/dim and
