@@ -71,6 +71,10 @@ def main() -> None:
     p.add_argument("--switch", action="append", default=[], metavar="KEY=VALUE",
                    help="a speed switch to time as its own trainer beside the one with all switches off (repeat it; "
                         "with two or more, a trainer with all of them is timed too), e.g. train.compile=true")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile --steps steps of each trainer (torch.profiler) and print where the time goes by "
+                        "category (convolutions, norms, attention, optimizer, EMA, ...); rows go to train_profile.csv "
+                        "beside --csv")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.micro_batch=256")
     args = p.parse_args()
 
@@ -140,6 +144,23 @@ def main() -> None:
             gain = statistics.median(times["trainer"]) / statistics.median(times[name])
             print(f"  {name}: images/s = {gain:.2f}x the trainer with every switch off")
     append_csv(args.csv, rows)
+    if args.profile:
+        profile_trainers(trainers, batch, args.steps, Path(args.csv).with_name("train_profile.csv"),
+                         {**stamp, "config": config.name, "precision": t.precision, "micro_batch": t.micro_batch})
+
+
+def profile_trainers(trainers: dict, batch, steps: int, csv_path: Path, stamp: dict) -> None:
+    from benchmarks.profile_breakdown import breakdown
+
+    rows = []
+    for name, trainer in trainers.items():
+        accum = trainer.config.train.grad_accum
+        parts, wall = breakdown(lambda: trainer.train_step([batch] * accum), trainer.device, steps)
+        print(f"  profile of {name}: {wall:.3g} ms/step")
+        for part in parts:
+            print(f"    {part['category']:<46} {part['ms_per_step']:>9.3f} ms  {part['share_of_wall']:>6.1%}")
+            rows.append({**stamp, "contender": name, **part, "wall_ms_per_step": round(wall, 3)})
+    append_csv(csv_path, rows)
 
 
 if __name__ == "__main__":
