@@ -1,7 +1,7 @@
 """Where a step's time goes: torch.profiler self times summed into categories (convolutions, norms, attention...).
 
-Each operator's SELF time counts once (on a GPU: the device time of the kernels it launched; on CPU: its CPU
-time), so categories add up to the busy time; on a GPU, wall time minus busy time is what the device sat idle
+On CPU each operator's SELF time counts once; on a GPU each kernel's time (by kernel name), so categories add up
+to the busy time; on a GPU, wall time minus busy time is what the device sat idle
 (launch gaps, host work, syncs); on CPU it is the time outside any operator (python, DeepSpeed). Used by `benchmarks/train_throughput.py --profile`.
 """
 from __future__ import annotations
@@ -12,18 +12,19 @@ from typing import Callable
 
 import torch
 
-# First match wins; patterns are matched against the profiler's operator or kernel name, lower-cased.
+# First match wins; patterns are matched against the lower-cased operator names (CPU) or kernel names (CUDA:
+# cuDNN's fprop/dgrad/wgrad convolution kernels, cuBLAS/CUTLASS gemms, at::native functor names, Triton kernels).
 CATEGORIES = [
-    ("compiled (inductor) kernels", r"^triton_|compiledfunction|torchdynamo"),
+    ("compiled (inductor) graphs and kernels", r"^triton_|compiledfxgraph|compiled region|compiledfunction"),
     ("fused loss / noise kernels", r"q_sample|diffusion_loss|sampler_update"),
-    ("convolutions", r"conv|cudnn|xmma|implicit_gemm|winograd"),
-    ("norms", r"group_?norm|layer_?norm|batch_?norm"),
-    ("attention", r"scaled_dot_product|flash|efficient_attention|softmax|bmm"),
-    ("matmuls (linear)", r"addmm|\bmm\b|aten::mm|linear|gemm|cublas"),
+    ("convolutions", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
+    ("norms", r"group_?norm|layer_?norm|batch_?norm|rowwisemoments|computefusedparams|welford"),
+    ("attention", r"scaled_dot_product|flash|fmha|efficient_attention|softmax|bmm"),
+    ("matmuls (linear)", r"addmm|\bmm\b|aten::mm|linear|gemm|cublas|cutlass"),
     ("activations", r"silu|gelu|sigmoid"),
-    ("optimizer", r"adam|_foreach_(?!lerp)|multi_tensor"),
-    ("EMA", r"lerp"),
-    ("copies and casts", r"copy|aten::to\b|_to_copy|contiguous|clone|cat\b|elementwise_kernel.*copy"),
+    ("EMA", r"lerp"),  # before the optimizer: both run multi_tensor_apply kernels
+    ("optimizer", r"adam|_foreach_|multi_tensor"),
+    ("copies and casts", r"copy|aten::to\b|_to_copy|contiguous|clone|cat\b|nchwtonhwc|nhwctonchw|memcpy|memset"),
     ("collectives", r"allreduce|all_reduce|broadcast|nccl|gloo"),
 ]
 
@@ -50,8 +51,13 @@ def breakdown(step: Callable[[], object], device: torch.device, steps: int = 2) 
             step()
         sync()
         wall = (time.perf_counter() - start) * 1e3 / steps
+    from torch.autograd import DeviceType
+
     totals: dict[str, float] = {}
     for event in prof.key_averages():
+        # CUDA: the kernels themselves (operators' own device time would count each kernel a second time)
+        if cuda and event.device_type != DeviceType.CUDA:
+            continue
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if us > 0:
             totals[category(event.key)] = totals.get(category(event.key), 0.0) + us / 1e3 / steps
