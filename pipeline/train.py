@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.latent import resolve_latent_config
 
     config = resolve_latent_config(config)
+    from pipeline.data.shardset import resolve_shards
+
+    # A missing data set answers now, before DeepSpeed loads (the loader verifies the shards themselves later)
+    resolve_shards(config.data.shards, verify="off", timeout_s=config.data.read_timeout_s)
     run_dir = Path(args.out or f"runs/{config.name}")
     try:
         return Trainer(config, run_dir, resume=args.resume).fit()

@@ -89,6 +89,13 @@ def test_train_config_errors_answer_before_torch_and_write_nothing(tmp_path):
     assert "torch imported: False" in help_proc.stdout
 
 
+def test_train_on_missing_data_answers_before_deepspeed_and_writes_nothing(tmp_path):
+    proc = pipeline_cli("train", "--out", tmp_path / "run", f"data.shards={tmp_path}/none")
+    assert_one_line_error(proc, f"shard pattern '{tmp_path}/none' matches no file", torch_free=False)
+    assert "deepspeed" not in (proc.stdout + proc.stderr).lower()  # its start-up lines came first before
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flags, parts", [
     (["--out", "{file}"], ["argument --out", "{file} is a file, expected a folder"]),
     (["--out", "{file}/run"], ["argument --out", "is a file, so no folder can be created under it"]),

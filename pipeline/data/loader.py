@@ -45,6 +45,7 @@ from PIL import Image
 
 from pipeline.data import shards as shard_format
 from pipeline.data import urls
+from pipeline.data.shardset import LoaderError, ShardInfo, resolve_shards  # noqa: F401 (LoaderError: this API)
 from pipeline.errors import PipelineError
 from pipeline.images import to_model_range
 
@@ -52,10 +53,6 @@ logger = logging.getLogger(__name__)
 FITS = ("resize", "pad")
 STATE_VERSION = 2
 MIN_SAMPLES_FOR_RUNNING_CHECK = 1000  # when the expected count is unknown, wait this long before judging
-
-
-class LoaderError(PipelineError, ValueError):
-    """The loader cannot start: a path or pattern matching nothing, or a bad argument."""
 
 
 class TooManyBadSamples(PipelineError, RuntimeError):
@@ -66,72 +63,6 @@ class Batch(NamedTuple):
     images: torch.Tensor  # float32 (B, C, H, W): images in [-1, 1], or latents as stored
     labels: torch.Tensor  # int64 (B,), -1 for unlabeled samples
     keys: list[str]  # the samples' keys (global sample ids, `%09d`)
-
-
-ShardInfo = shard_format.ShardSpec  # a shard as its manifest describes it (path, count, ids, classes, size)
-
-
-# ---------------------------------------------------------------- finding shards
-def resolve_shards(path: str | os.PathLike, verify: str = "size",
-                   timeout_s: float = urls.DEFAULT_TIMEOUT_S) -> list[ShardInfo]:
-    """Shards of a folder (from its manifest), of a brace/glob pattern, or of a URL (`pipeline.data.urls`),
-    local ones checked against their manifest at level `verify`; a clear error if none exist or they
-    disagree with the manifest."""
-    path = urls.local_path(path)
-    if urls.is_remote(path):
-        return remote_specs(path, timeout_s)
-    if os.path.isdir(path):
-        manifest = shard_format.read_manifest(path)
-        found = shard_format.shard_specs(path, manifest)
-        missing = [s.path for s in found if not os.path.isfile(s.path)]
-        if missing:
-            raise LoaderError(f"{len(missing)} shard(s) listed in {path}/manifest.json are missing, e.g. {missing[0]}")
-        if not found:
-            raise LoaderError(f"the manifest in {path} lists no shards")
-        problems = shard_format.verify_shards(path, manifest, verify)
-    else:
-        try:
-            found = specs_from_manifests(urls.expand(path))
-        except urls.RemoteReadError as exn:
-            raise LoaderError(str(exn)) from None
-        listed = [s for s in found if s.num_samples is not None and verify != "off"]
-        problems = [p for p in (shard_format.check_shard_file(s, verify) for s in listed) if p]
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise LoaderError(f"shards of {path} do not match their manifest (verify={verify}): "
-                          f"{'; '.join(problems[:3])}{more}. Re-create them (prepare / generate), or set "
-                          "data.verify=off to read what is there (lost samples count against max_bad_fraction)")
-    return found
-
-
-def remote_specs(path: str, timeout_s: float) -> list[ShardInfo]:
-    """Shards of a remote folder as its manifest describes them (ids and classes too, so the reader can
-    check keys and labels); of a remote pattern with the counts `urls.remote_shards` finds."""
-    if not urls.is_folder(path):
-        return [ShardInfo(url, count) for url, count in urls.remote_shards(path, timeout_s)]
-    manifest = urls.read_manifest(urls.join(path, shard_format.MANIFEST_NAME), timeout_s)
-    found = shard_format.shard_specs(path, manifest, join=urls.join)
-    if not found:
-        raise LoaderError(f"the manifest of {path} lists no shards")
-    urls.check_readable(found[0].path, timeout_s)
-    return found
-
-
-def specs_from_manifests(names: list[str]) -> list[ShardInfo]:
-    """Each local shard as a manifest beside it describes it; only its path when no manifest lists it (then
-    its losses cannot be counted exactly)."""
-    by_folder: dict[str, dict[str, ShardInfo]] = {}
-    specs = []
-    for name in names:
-        folder = os.path.dirname(name) or "."
-        if folder not in by_folder:
-            try:
-                by_folder[folder] = {os.path.basename(s.path): s for s in shard_format.shard_specs(folder)}
-            except shard_format.ManifestError:
-                by_folder[folder] = {}
-        listed = by_folder[folder].get(os.path.basename(name))
-        specs.append(ShardInfo(name) if listed is None else replace(listed, path=name))
-    return specs
 
 
 # ---------------------------------------------------------------- decoding
