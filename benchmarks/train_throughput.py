@@ -69,8 +69,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (medians are reported)")
     p.add_argument("--csv", default=str(REPO / "benchmarks/results/train_throughput.csv"), help="CSV to append to")
     p.add_argument("--switch", action="append", default=[], metavar="KEY=VALUE",
-                   help="a speed switch to time as its own trainer beside the one with all switches off (repeat it; "
-                        "with two or more, a trainer with all of them is timed too), e.g. train.compile=true")
+                   help="a speed switch to time as its own trainer beside the one with all switches off, e.g. "
+                        "train.compile=true, or several in one quoted argument; repeat it (a trainer with all of "
+                        "them is timed too, unless one --switch already is all of them)")
     p.add_argument("--profile", action="store_true",
                    help="then profile --steps steps of each trainer (torch.profiler) and print where the time goes by "
                         "category (convolutions, norms, attention, optimizer, EMA, ...); rows go to train_profile.csv "
@@ -86,9 +87,10 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--source", "digits", "--out", str(tmp / "d")],
                    check=True, cwd=REPO, capture_output=True)  # the trainer's loader needs a shard set to open
     base = [f"data.shards={tmp / 'd'}", "train.sample_every=0", *args.overrides]
-    variants = {"trainer": []} | {f"+{s}": [s] for s in args.switch}
-    if len(args.switch) > 1:
-        variants["+all"] = args.switch
+    variants = {"trainer": []} | {f"+{s}": s.split() for s in args.switch}
+    every = list(dict.fromkeys(o for s in args.switch for o in s.split()))
+    if sorted(every) not in [sorted(v) for v in variants.values()]:
+        variants["+all"] = every
     trainers = {name: Trainer(load_config(args.config, base + extra), tmp / f"run-{i}")
                 for i, (name, extra) in enumerate(variants.items())}
     trainer = trainers["trainer"]
@@ -123,7 +125,8 @@ def main() -> None:
         per_step = statistics.median(seconds) / args.steps
         tflops = images / statistics.median(seconds) * flops / 1e12
         rows.append({**stamp, "config": config.name, "precision": t.precision, "micro_batch": t.micro_batch,
-                     "contender": name, "switches": " ".join(variants.get(name, [])), "ms_per_step": round(1000 * per_step, 3),
+                     "contender": name, "switches": " ".join(variants.get(name, [])),
+                     "ms_per_step": round(1000 * per_step, 3),
                      "ms_min": round(1000 * min(seconds) / args.steps, 3),
                      "ms_max": round(1000 * max(seconds) / args.steps, 3),
                      "images_per_s": round(images / statistics.median(seconds), 1),
@@ -134,7 +137,7 @@ def main() -> None:
     print(f"{config.name}, {t.precision}, micro-batch {t.micro_batch}, {flops / 1e9:.3g} GFLOP/image fwd+bwd; "
           f"matmul measured {matmul:.3g} TFLOP/s" + (f", data-sheet peak {peak} TFLOP/s" if peak else ""))
     for r in rows:
-        print(f"  {r['contender']:<28} ms/step {summary(times[r['contender']], 1e3 / args.steps):>22}  "
+        print(f"  {r['contender']:<46} ms/step {summary(times[r['contender']], 1e3 / args.steps):>22}  "
               f"{r['images_per_s']:>9} img/s  {r['tflops']:.3g} TFLOP/s  MFU vs matmul {r['mfu_vs_matmul']:.1%}"
               + (f", vs peak {r['mfu_vs_peak']:.1%}" if peak else ""))
     ratio = statistics.median(times["plain"]) / statistics.median(times["trainer"])
