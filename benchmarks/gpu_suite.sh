@@ -3,11 +3,17 @@
 # device, commit and date, and one summary line per stage.
 #
 #   bash benchmarks/gpu_wheels.sh                      # here, with network: wheels into .cache/gpu-wheels
-#   bash benchmarks/gpu_suite.sh [OUT]                 # on the GPU machine (carry .cache/gpu-wheels there)
+#   BENCH_COMMIT=$(git rev-parse --short=12 HEAD)      # the device machine gets the files without .git:
+#   bash benchmarks/gpu_suite.sh [OUT]                 #   pass BENCH_COMMIT=... in its command line
+#   GPU_SUITE_SMOKE=1 bash benchmarks/gpu_suite.sh [OUT]   # here, on CPU, ~1-2 min (tests/test_gpu_suite.py)
 #
 # OUT defaults to $OUT/gpu-suite when the device tool sets OUT, else benchmarks/results/gpu-suite-DATE.
-# Stages have their own time limits and run even when an earlier one failed; the exit status is the
-# number of failed stages. The GPU image has torch + triton but not deepspeed/webdataset/submitit.
+# Stages have their own time limits (together ~9 min at worst) and run even when an earlier one failed; the
+# exit status is the number of failed stages. The GPU image has torch + triton but not
+# deepspeed/webdataset/submitit; its `python3` is the one with torch.
+# The smoke run (GPU_SUITE_SMOKE=1) runs every stage with the same command lines at toy sizes, so that a typo,
+# a missing file or test id, or a benchmark that breaks on its arguments shows here, not in the scarce GPU
+# minutes: the tests are only collected, the kernels run in Triton's interpreter, the models are the tiny config.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAMP=$(date -u +%Y%m%dT%H%MZ)
@@ -18,11 +24,34 @@ export PYTHONPATH=$PWD TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/
 WHEELS=${WHEELS:-.cache/gpu-wheels}
 failed=0
 
+# The sizes of the GPU run. The smoke run changes these and nothing else, so both run the same command lines.
+TESTS=(tests/kernels tests/generate/test_gpu.py tests/models tests/test_flops.py
+       tests/train/test_trainer.py::test_training_learns_and_writes_every_artifact)
+PYTEST_MODE=()  # every test runs; no -x: one failure must not hide the others in a run that cannot be repeated
+KERNEL_SIZES=1,16,64 ADALN_SIZES=16,64 KERNEL_DTYPES=float32,bfloat16
+CONFIG=configs/cifar_ddpm.yaml BATCH=128 STEPS=3 REPEATS=5 NUM=256
+LIMIT_SCALE=1
+INSTALL=(python3 -m pip install -q --no-index --find-links "$WHEELS" deepspeed webdataset submitit)
+if [ "${GPU_SUITE_SMOKE:-0}" = 1 ]; then
+  PYTEST_MODE=(--collect-only)  # the same test ids must exist and import
+  KERNEL_SIZES=0.0625 ADALN_SIZES=0.25 KERNEL_DTYPES=bfloat16  # one sample; bf16 is the dtype GPU runs add
+  CONFIG=configs/tiny.yaml BATCH=2 STEPS=1 REPEATS=1 NUM=2
+  LIMIT_SCALE=3  # the 2-core CPU (interpreted kernels, torch.compile on CPU) is slower than the GPU at toy sizes
+  # torch.compile calls stay but compile nothing: on CPU the references draw their noise in C (ctypes), so
+  # compiling them here would cost a minute and test another path than the GPU's
+  export TRITON_INTERPRET=1 TORCH_COMPILE_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  if [ -d "$WHEELS" ]; then  # pip here would find the packages already installed: check the folder instead
+    INSTALL=(bash benchmarks/gpu_wheels.sh --check "$WHEELS")
+  else
+    INSTALL=(echo "skipped in the smoke run: no $WHEELS here (bash benchmarks/gpu_wheels.sh builds it, with network)")
+  fi
+fi
+
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to RESULTS/NAME.log, one summary line
-  local name=$1 limit=$2 start rc
+  local name=$1 limit=$(($2 * LIMIT_SCALE)) start rc
   shift 2
   start=$(date +%s)
-  timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$RESULTS/$name.log" 2>&1
   rc=$?
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
   printf '%-16s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$(tail -n 1 "$RESULTS/$name.log")" \
@@ -30,25 +59,29 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to RESULT
 }
 
 {
-  echo "date $STAMP commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "date $STAMP commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } >"$RESULTS/env.txt" 2>&1
 cat "$RESULTS/env.txt"
 
+# Time limits (seconds, GPU): 30 + 180 + 90 + 45 + 90 + 100 = 535, under 9 minutes at worst.
 # 1. the missing packages, from wheels built on a networked machine
-stage install 60 python -m pip install -q --no-index --find-links "$WHEELS" deepspeed webdataset submitit
+stage install 30 "${INSTALL[@]}"
 # 2. the tests whose GPU path differs from CPU: Triton kernels compiled (not interpreted), CUDA graphs,
 #    bf16 generation, the models, FLOP counting; then one real 1-GPU training run through DeepSpeed (NCCL)
-stage tests 240 python -m pytest -q -x -p no:cacheprovider tests/kernels tests/generate/test_gpu.py tests/models \
-  tests/test_flops.py tests/train/test_trainer.py::test_training_learns_and_writes_every_artifact
+stage tests 180 python3 -m pytest -q -p no:cacheprovider "${PYTEST_MODE[@]}" "${TESTS[@]}"
 # 3. the fused kernels against the memory floor (copy bandwidth), eager torch and torch.compile
-stage kernels_bench 100 python -m kernels.bench --sizes 1,16,64 --csv "$RESULTS/kernels.csv"
-# 4. the CIFAR-size UNet training step: trainer vs a plain loop, TFLOP/s and MFU (bf16, batch 128)
-stage train_bench 120 python benchmarks/train_throughput.py --config configs/cifar_ddpm.yaml --steps 3 --repeats 5 \
-  --csv "$RESULTS/train_throughput.csv" train.precision=bf16 train.micro_batch=128
-# 5. generation images/s and MFU per speed path (eager -> fused -> bf16+channels_last -> CUDA graph)
-stage generate_bench 120 python benchmarks/generate_throughput.py --config configs/cifar_ddpm.yaml \
-  --batch-size 128 --num 256 --csv "$RESULTS/generate_throughput.csv"
+stage kernels_bench 90 python3 -m kernels.bench --sizes "$KERNEL_SIZES" --dtypes "$KERNEL_DTYPES" \
+  --csv "$RESULTS/kernels.csv"
+# 4. the adaLN kernels (modulated LayerNorm, gated residual), the same comparison
+stage adaln_bench 45 python3 -m kernels.bench_adaln --sizes "$ADALN_SIZES" --dtypes "$KERNEL_DTYPES" \
+  --csv "$RESULTS/adaln.csv"
+# 5. the CIFAR-size UNet training step: trainer vs a plain loop, TFLOP/s and MFU (bf16, batch 128)
+stage train_bench 90 python3 benchmarks/train_throughput.py --config "$CONFIG" --steps "$STEPS" \
+  --repeats "$REPEATS" --csv "$RESULTS/train_throughput.csv" train.precision=bf16 train.micro_batch="$BATCH"
+# 6. generation images/s and MFU per speed path (eager -> fused -> bf16+channels_last -> CUDA graph)
+stage generate_bench 100 python3 benchmarks/generate_throughput.py --config "$CONFIG" --batch-size "$BATCH" \
+  --num "$NUM" --csv "$RESULTS/generate_throughput.csv"
 echo "results in $RESULTS; $failed stage(s) failed"
 exit "$failed"

@@ -13,6 +13,7 @@ import csv
 import datetime
 import importlib.metadata
 import io
+import os
 import platform
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 LIBRARIES = ("torch", "triton", "deepspeed", "webdataset", "numpy")
+COMMIT_ENV = "BENCH_COMMIT"  # the commit where there is no .git (a GPU machine gets a copy of the files)
 
 
 def provenance(device: str) -> dict:
@@ -41,14 +43,16 @@ def device_name(device=None) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit (-dirty with uncommitted changes); where git cannot tell, $BENCH_COMMIT or 'unknown'."""
+    fallback = os.environ.get(COMMIT_ENV) or "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else fallback
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+        return fallback
 
 
 def library_version(name: str) -> str:

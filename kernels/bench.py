@@ -7,20 +7,26 @@ counting the MINIMUM bytes (each input read once, each output written once; per-
 that bandwidth as a share of a measured device-to-device copy of the same bytes, and the speedups over the
 eager torch reference and torch.compile of the reference (both compute the same Philox noise), measured
 through the public API (for the losses: forward + autograd backward, `fused ms`). The CSV
-names the device. Needs a CUDA GPU.
+names the device. Made for a CUDA GPU; on CPU (with TRITON_INTERPRET=1) the kernels run in Triton's
+interpreter and the numbers only show that every case runs (the smoke run of benchmarks/gpu_suite.sh).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from typing import Callable, NamedTuple
 
 import torch
 
 import kernels
+from kernels.dispatch import interpreter_active
 from kernels.fused_loss import LossOptions, diffusion_loss_reference, launch_loss, q_sample_reference
 from kernels.sampler_update import sampler_update_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 SAMPLE_ELEMENTS = 4 * 128 * 128  # one sample: a 4-channel 128x128 latent (65536 elements)
 SEED, STREAM = 1234, 1_000_007
@@ -91,13 +97,37 @@ CASES = [
 
 
 def median_ms(fn) -> float:
+    if DEVICE == "cpu":  # triton.testing.do_bench needs a GPU; interpreted calls are slow: a few suffice
+        fn()
+        return statistics.median(_seconds(fn) for _ in range(3)) * 1e3
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def runs_here(benchmark: str) -> bool:
+    """A CUDA GPU, or on CPU Triton's interpreter (chosen before `kernels` was imported); else say so."""
+    if DEVICE == "cpu" and not interpreter_active():
+        print(f"{benchmark} needs a CUDA GPU, or on CPU TRITON_INTERPRET=1 in the environment (Triton's "
+              "interpreter: a check that every case runs, not a measurement)", file=sys.stderr)
+        return False
+    return True
+
+
+def device_name() -> str:
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_name()
+    return _record().device_name("cpu") + ", Triton interpreted"
+
+
 def copy_ms(numel: int, dtype: torch.dtype) -> float:
-    src = torch.randn(numel, device="cuda").to(dtype)
+    src = torch.randn(numel, device=DEVICE).to(dtype)
     dst = torch.empty_like(src)
     return median_ms(lambda: dst.copy_(src))
 
@@ -105,20 +135,20 @@ def copy_ms(numel: int, dtype: torch.dtype) -> float:
 def make_data(numel: int, dtype: torch.dtype) -> dict:
     batch = numel // SAMPLE_ELEMENTS
     shape = (batch, 4, 128, 128)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    data = {k: torch.randn(shape, device="cuda", generator=gen).to(dtype) for k in ("x0", "out", "uncond", "prev")}
-    data["ab"] = torch.rand(batch, device="cuda", generator=gen)
-    data["ids"] = torch.arange(batch, device="cuda")
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    data = {k: torch.randn(shape, device=DEVICE, generator=gen).to(dtype) for k in ("x0", "out", "uncond", "prev")}
+    data["ab"] = torch.rand(batch, device=DEVICE, generator=gen)
+    data["ids"] = torch.arange(batch, device=DEVICE)
     return data
 
 
 def run(sizes_m, dtypes, with_compile: bool) -> list[dict]:
-    device = torch.cuda.get_device_name()
+    device = device_name()
     rows = []
     compiled = {}
     for dtype in dtypes:
         for size_m in sizes_m:
-            numel = size_m * 2**20
+            numel = int(size_m * 2**20)
             data = make_data(numel, dtype)
             elem = data["x0"].element_size()
             copy_time = copy_ms(numel, dtype)  # copy bytes: numel read + numel written
@@ -168,7 +198,7 @@ def block_sweep(size_m: int = 64) -> list[str]:
         for block in (512, 1024, 2048, 4096, 8192):
             tq = median_ms(lambda: kernels.q_sample(data["x0"], data["ab"], SEED, data["ids"], STREAM,
                                                     backend="triton", block_size=block))
-            grad, per_sample = torch.empty_like(out), torch.empty(len(data["ids"]), device="cuda")
+            grad, per_sample = torch.empty_like(out), torch.empty(len(data["ids"]), device=DEVICE)
             tl_ = median_ms(lambda: launch_loss(out, data["x0"], data["ab"], None, data["ids"], None, SEED, STREAM,
                                                 LossOptions("eps", 4, block), grad, per_sample))
             lines.append(f"block sweep: {dtype} {size_m}M block {block}: q_sample {tq:.3f} ms, loss_eps {tl_:.3f} ms")
@@ -181,7 +211,7 @@ HEADER = (f"{'op':<22}{'dtype':<10}{'M elems':>8}{'kernel ms':>10}{'GB/s':>8}{'%
 
 
 def _format(r: dict) -> str:
-    return (f"{r['op']:<22}{r['dtype']:<10}{r['elements'] // 2**20:>8}{r['kernel_ms']:>10.3f}{r['fused_gbs']:>8.0f}"
+    return (f"{r['op']:<22}{r['dtype']:<10}{r['elements'] / 2**20:>8.4g}{r['kernel_ms']:>10.3f}{r['fused_gbs']:>8.0f}"
             f"{r['pct_of_copy']:>8.1f}{r['eager_ms']:>10.3f}{r['fused_ms']:>10.3f}{r['x_eager']:>9.1f}"
             f"{r['compile_ms']:>11.3f}"
             f"{r['x_compile']:>10.2f}")
@@ -189,10 +219,15 @@ def _format(r: dict) -> str:
 
 def write_results(benchmark: str, rows: list[dict], device: str, path: str | None) -> str:
     """Append the rows, with device, commit, date and versions, to benchmarks/results/<benchmark>.csv."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.record import append_rows  # a benchmark-only dependency: kernels/ itself needs torch/triton
+    return str(_record().append_rows(benchmark, rows, device, path))
 
-    return str(append_rows(benchmark, rows, device, path))
+
+def _record():
+    """benchmarks.record: a benchmark-only dependency (kernels/ itself needs only torch and triton)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import record
+
+    return record
 
 
 def main(argv=None) -> int:
@@ -203,14 +238,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     parser.add_argument("--extras", action="store_true", help="also run the block-size sweep and channels_last cost")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernels.bench needs a CUDA GPU", file=sys.stderr)
+    if not runs_here("kernels.bench"):
         return 2
-    sizes = [int(s) for s in args.sizes.split(",")]
-    if any(s * 2**20 % SAMPLE_ELEMENTS for s in sizes):
-        parser.error(f"each size must be a multiple of {SAMPLE_ELEMENTS // 2**20 or 1} M elements")
+    sizes = [float(s) for s in args.sizes.split(",")]
+    if any(s <= 0 or s * 2**20 % SAMPLE_ELEMENTS for s in sizes):
+        parser.error(f"--sizes: each size must be a positive multiple of {SAMPLE_ELEMENTS / 2**20} M elements "
+                     f"(one sample), got {args.sizes}")
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    device = torch.cuda.get_device_name()
+    device = device_name()
     print(f"device: {device}; torch {torch.__version__}; copy bandwidth counts bytes read + written")
     print(HEADER)
     rows = run(sizes, dtypes, not args.no_compile)

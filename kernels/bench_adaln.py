@@ -7,7 +7,8 @@ Tokens are (B, 256, hidden) (a DiT on 32x32 latents with patch 2; hidden 1152 = 
 forward only and forward + autograd backward through the public API; bandwidth counts the MINIMUM bytes
 (modulated LN: fwd x + out, bwd x + dout + dx; gated residual: fwd x + y + out, bwd dout + y + dy; the (B, D)
 vectors and row statistics ignored) against a measured device copy of the same dtype. Eager and torch.compile
-run the torch reference (`kernels.adaln.*_reference`). Needs a CUDA GPU; writes a CSV that names the device.
+run the torch reference (`kernels.adaln.*_reference`). Made for a CUDA GPU (on CPU, as `kernels.bench`: only a
+check that every case runs); writes a CSV that names the device.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 import kernels
 from kernels.adaln import gated_residual_reference, modulated_layer_norm_reference
-from kernels.bench import copy_ms, median_ms, write_results
+from kernels.bench import DEVICE, copy_ms, device_name, median_ms, runs_here, write_results
 
 TOKENS = 256
 
@@ -38,14 +39,14 @@ def thunk(fn, inputs, dout, backward: bool):
 
 
 def run(sizes_m, dtypes, hidden: int, with_compile: bool) -> list[dict]:
-    device = torch.cuda.get_device_name()
+    device = device_name()
     rows, compiled = [], {}
     for dtype in dtypes:
         for size_m in sizes_m:
-            batch = max(1, size_m * 2**20 // (TOKENS * hidden))
+            batch = max(1, int(size_m * 2**20) // (TOKENS * hidden))
             numel = batch * TOKENS * hidden
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            make = lambda *shape: torch.randn(*shape, device="cuda", generator=gen).to(dtype).requires_grad_(True)
+            gen = torch.Generator(device=DEVICE).manual_seed(0)
+            make = lambda *shape: torch.randn(*shape, device=DEVICE, generator=gen).to(dtype).requires_grad_(True)
             x, y, dout = make(batch, TOKENS, hidden), make(batch, TOKENS, hidden), make(batch, TOKENS, hidden)
             vec_a, vec_b = make(batch, hidden), make(batch, hidden)
             elem = x.element_size()
@@ -78,7 +79,7 @@ HEADER = (f"{'op':<24}{'dtype':<10}{'M elems':>8}{'fused ms':>10}{'GB/s':>8}{'% 
 
 
 def format_row(r: dict) -> str:
-    return (f"{r['op']:<24}{r['dtype']:<10}{r['elements'] / 2**20:>8.0f}{r['fused_ms']:>10.3f}{r['fused_gbs']:>8.0f}"
+    return (f"{r['op']:<24}{r['dtype']:<10}{r['elements'] / 2**20:>8.4g}{r['fused_ms']:>10.3f}{r['fused_gbs']:>8.0f}"
             f"{r['pct_of_copy']:>8.1f}{r['eager_ms']:>10.3f}{r['x_eager']:>9.1f}{r['compile_ms']:>11.3f}"
             f"{r['x_compile']:>10.2f}")
 
@@ -91,13 +92,12 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", default=None, help="results file to append to (default benchmarks/results/adaln.csv)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernels.bench_adaln needs a CUDA GPU", file=sys.stderr)
+    if not runs_here("kernels.bench_adaln"):
         return 2
-    device = torch.cuda.get_device_name()
+    device = device_name()
     print(f"device: {device}; torch {torch.__version__}; copy bandwidth counts bytes read + written")
     print(HEADER)
-    rows = run([int(s) for s in args.sizes.split(",")], [getattr(torch, d) for d in args.dtypes.split(",")],
+    rows = run([float(s) for s in args.sizes.split(",")], [getattr(torch, d) for d in args.dtypes.split(",")],
                args.hidden, not args.no_compile)
     path = write_results("adaln", rows, device, args.csv)
     print(f"wrote {path}")

@@ -38,3 +38,13 @@ def test_timed_benchmarks_write_through_the_same_records(tmp_path):
     rows = list(csv.DictReader(path.open(newline="")))
     assert [(r["ms"], r["mfu"]) for r in rows] == [("1.0", ""), ("2.0", "0.1")]
     assert rows[0]["torch"] and rows[0]["load"] and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_the_commit_comes_from_the_environment_where_there_is_no_git(tmp_path, monkeypatch):
+    from benchmarks import record
+
+    monkeypatch.setattr(record, "REPO", tmp_path)  # a folder outside any checkout, as on a GPU machine
+    monkeypatch.delenv(record.COMMIT_ENV, raising=False)
+    assert record.git_commit() == "unknown"
+    monkeypatch.setenv(record.COMMIT_ENV, "0123456789ab")
+    assert record.git_commit() == "0123456789ab"
