@@ -142,7 +142,9 @@ def make_data(numel: int, dtype: torch.dtype) -> dict:
     return data
 
 
-def run(sizes_m, dtypes, with_compile: bool) -> list[dict]:
+def run(sizes_m, dtypes, with_compile: bool, csv: str | None = None) -> list[dict]:
+    """Rows of every case, dtype and size; each size's rows are appended to the CSV as soon as they are measured
+    (a run stopped by a time limit keeps what it finished)."""
     device = device_name()
     rows = []
     compiled = {}
@@ -173,6 +175,7 @@ def run(sizes_m, dtypes, with_compile: bool) -> list[dict]:
                                  fused_gbs=gbs, copy_gbs=copy_gbs, pct_of_copy=100 * gbs / copy_gbs,
                                  x_eager=t_eager / t_fused, x_compile=t_compiled / t_fused))
                 print(_format(rows[-1]), flush=True)
+            write_results("kernels", rows[-len(CASES):], device, csv)
             del data
             torch.cuda.empty_cache()
     return rows
@@ -248,12 +251,11 @@ def main(argv=None) -> int:
     device = device_name()
     print(f"device: {device}; torch {torch.__version__}; copy bandwidth counts bytes read + written")
     print(HEADER)
-    rows = run(sizes, dtypes, not args.no_compile)
-    path = write_results("kernels", rows, device, args.csv)
+    rows = run(sizes, dtypes, not args.no_compile, args.csv)
     extras = block_sweep() + channels_last_cost() if args.extras else []
     print("\n".join(extras))
     print(f"\n{HEADER}\n" + "\n".join(_format(r) for r in rows))
-    print(f"wrote {path}")
+    print(f"appended {len(rows)} rows to {args.csv or 'benchmarks/results/kernels.csv'}")
     return 0
 
 

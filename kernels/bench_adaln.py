@@ -38,7 +38,8 @@ def thunk(fn, inputs, dout, backward: bool):
     return lambda: fn(*inputs)
 
 
-def run(sizes_m, dtypes, hidden: int, with_compile: bool) -> list[dict]:
+def run(sizes_m, dtypes, hidden: int, with_compile: bool, csv: str | None = None) -> list[dict]:
+    """Rows of every op, dtype and size; each size's rows are appended to the CSV as soon as they are measured."""
     device = device_name()
     rows, compiled = [], {}
     for dtype in dtypes:
@@ -69,6 +70,7 @@ def run(sizes_m, dtypes, hidden: int, with_compile: bool) -> list[dict]:
                                  fused_gbs=gbs, copy_gbs=copy_gbs, pct_of_copy=100 * gbs / copy_gbs,
                                  x_eager=t_eager / t_fused, x_compile=t_compiled / t_fused))
                 print(format_row(rows[-1]), flush=True)
+            write_results("adaln", rows[-2 * len(OPS):], device, csv)  # forward and forward + backward of each
             del x, y, dout, vec_a, vec_b
             torch.cuda.empty_cache()
     return rows
@@ -98,9 +100,8 @@ def main(argv=None) -> int:
     print(f"device: {device}; torch {torch.__version__}; copy bandwidth counts bytes read + written")
     print(HEADER)
     rows = run([float(s) for s in args.sizes.split(",")], [getattr(torch, d) for d in args.dtypes.split(",")],
-               args.hidden, not args.no_compile)
-    path = write_results("adaln", rows, device, args.csv)
-    print(f"wrote {path}")
+               args.hidden, not args.no_compile, args.csv)
+    print(f"appended {len(rows)} rows to {args.csv or 'benchmarks/results/adaln.csv'}")
     return 0
 
 

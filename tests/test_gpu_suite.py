@@ -5,6 +5,7 @@ import csv
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +26,37 @@ def test_the_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
     assert all(line.split()[1] == "rc=0" for line in summary), summary
     assert "skipped" in summary[0] and "collected" in summary[1]  # install skipped; the GPU run's test ids exist
     assert "commit" in (out / "env.txt").read_text()
+    assert [line.split()[1] for line in (out / "stages.log").read_text().splitlines() if line.startswith("===")] \
+        == list(STAGES)
+    # the device tool brings back at most 8 files from its output folder
+    assert sorted(p.name for p in out.iterdir()) == sorted([*CSVS, "env.txt", "summary.txt", "stages.log"])
     for name in CSVS:
         rows = list(csv.DictReader((out / name).open(newline="")))
         assert rows, name
         for row in rows:
             assert row["device"].startswith("CPU") and row["commit"] and row["date"], (name, row)
+
+
+def make_wheel(folder: Path, name: str, version: str, requires=(), tag="py3-none-any") -> None:
+    with zipfile.ZipFile(folder / f"{name}-{version}-{tag}.whl", "w") as wheel:
+        wheel.writestr(f"{name}-{version}.dist-info/METADATA", "".join(
+            [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"] + [f"Requires-Dist: {r}\n" for r in requires]))
+
+
+def test_the_wheel_check_names_what_the_gpu_machine_would_lack(tmp_path):
+    check = ["bash", "benchmarks/gpu_wheels.sh", "--check", str(tmp_path)]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    make_wheel(tmp_path, "deepspeed", "0.19.8", ["hjson", "torch>=2.0.0", 'pytest<8; extra == "dev"'])
+    make_wheel(tmp_path, "webdataset", "1.0.2", ["braceexpand", "numpy"])  # numpy and torch: on the GPU image
+    make_wheel(tmp_path, "submitit", "1.5.4", ["cloudpickle>=1.2.1"])
+    make_wheel(tmp_path, "hjson", "3.1.0")
+    done = subprocess.run(check, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout.startswith("braceexpand (needed by the wheels) is neither in")
+    assert len(done.stdout.splitlines()) == 1  # an extra's requirement (pytest) is not needed
+    make_wheel(tmp_path, "braceexpand", "0.1.7", tag="cp311-cp311-manylinux2014_x86_64")  # not for Python 3.12
+    done = subprocess.run(check, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "does not install on CPython 3.12" in done.stdout
+    (tmp_path / "braceexpand-0.1.7-cp311-cp311-manylinux2014_x86_64.whl").unlink()
+    make_wheel(tmp_path, "braceexpand", "0.1.7")
+    done = subprocess.run(check, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout
