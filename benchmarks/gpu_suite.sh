@@ -58,7 +58,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, its output in
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
   printf '%-16s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$(tail -n 1 "$log")" \
     | tee -a "$RESULTS/summary.txt"
-  # one log file for all stages: the device tool brings back at most 8 files (4 CSVs, env, summary, this)
+  # one log file for all stages: the device tool brings back at most 8 files (5 CSVs, env, summary, this)
   { echo "=== $name (rc=$rc): $*"; cat "$log"; } >>"$RESULTS/stages.log" && rm "$log"
 }
 
@@ -69,24 +69,28 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, its output in
 } >"$RESULTS/env.txt" 2>&1
 cat "$RESULTS/env.txt"
 
-# Time limits (seconds, GPU): 30 + 165 + 90 + 60 + 85 + 90 = 520, under 9 minutes at worst (+ ~15 s for env.txt;
-# give the device call timeout_s >= 580). The kernel benchmarks append each size's rows as they finish.
+# Time limits (seconds, GPU): 30 + 160 + 130 + 60 + 150 + 30 = 560, under 9.5 minutes at worst (+ ~15 s for env.txt;
+# give the device call timeout_s 600). The issue's goals come first (training MFU, generation MFU and DDIM-50 speed,
+# bf16 kernels vs copy), the tests after them; the kernel benchmarks append each size's rows as they finish.
 # 1. the missing packages, from wheels built on a networked machine
 stage install 30 "${INSTALL[@]}"
-# 2. the tests whose GPU path differs from CPU: Triton kernels compiled (not interpreted), CUDA graphs,
-#    bf16 generation, the models, FLOP counting; then one real 1-GPU training run through DeepSpeed (NCCL)
-stage tests 165 python3 -m pytest -q -p no:cacheprovider $PYTEST_MODE "${TESTS[@]}"
-# 3. the fused kernels against the memory floor (copy bandwidth), eager torch and torch.compile
-stage kernels_bench 90 python3 -m kernels.bench --sizes "$KERNEL_SIZES" --dtypes "$KERNEL_DTYPES" \
+# 2. the CIFAR-size UNet training step (bf16, batch 128): every switch off, + channels_last, + channels_last and
+#    torch.compile (one compile), and a plain loop, interleaved; TFLOP/s and MFU; then a profile of each trainer
+#    by category (convolutions, norms, attention, optimizer, EMA, device idle) into train_profile.csv
+stage train_bench 160 python3 benchmarks/train_throughput.py --config "$CONFIG" --steps "$STEPS" \
+  --repeats "$REPEATS" --csv "$RESULTS/train_throughput.csv" --profile --switch train.channels_last=true \
+  --switch "train.channels_last=true train.compile=true" train.precision=bf16 train.micro_batch="$BATCH"
+# 3. generation images/s and MFU per speed path (eager -> fused -> bf16+channels_last -> CUDA graph -> compile)
+stage generate_bench 130 python3 benchmarks/generate_throughput.py --config "$CONFIG" --batch-size "$BATCH" \
+  --num "$NUM" --compile --csv "$RESULTS/generate_throughput.csv"
+# 4. the fused kernels against the memory floor (copy bandwidth), eager torch and torch.compile
+stage kernels_bench 60 python3 -m kernels.bench --sizes "$KERNEL_SIZES" --dtypes "$KERNEL_DTYPES" \
   --csv "$RESULTS/kernels.csv"
-# 4. the adaLN kernels (modulated LayerNorm, gated residual), the same comparison
-stage adaln_bench 60 python3 -m kernels.bench_adaln --sizes "$ADALN_SIZES" --dtypes "$KERNEL_DTYPES" \
+# 5. the tests whose GPU path differs from CPU: Triton kernels compiled (not interpreted), CUDA graphs,
+#    bf16 generation, the models, FLOP counting; then one real 1-GPU training run through DeepSpeed (NCCL)
+stage tests 150 python3 -m pytest -q -p no:cacheprovider $PYTEST_MODE "${TESTS[@]}"
+# 6. the adaLN kernels (modulated LayerNorm, gated residual), the same comparison as stage 4
+stage adaln_bench 30 python3 -m kernels.bench_adaln --sizes "$ADALN_SIZES" --dtypes "$KERNEL_DTYPES" \
   --csv "$RESULTS/adaln.csv"
-# 5. the CIFAR-size UNet training step: trainer vs a plain loop, TFLOP/s and MFU (bf16, batch 128)
-stage train_bench 85 python3 benchmarks/train_throughput.py --config "$CONFIG" --steps "$STEPS" \
-  --repeats "$REPEATS" --csv "$RESULTS/train_throughput.csv" train.precision=bf16 train.micro_batch="$BATCH"
-# 6. generation images/s and MFU per speed path (eager -> fused -> bf16+channels_last -> CUDA graph)
-stage generate_bench 90 python3 benchmarks/generate_throughput.py --config "$CONFIG" --batch-size "$BATCH" \
-  --num "$NUM" --csv "$RESULTS/generate_throughput.csv"
 echo "results in $RESULTS; $failed stage(s) failed"
 exit "$failed"

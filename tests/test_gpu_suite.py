@@ -9,8 +9,8 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("install", "tests", "kernels_bench", "adaln_bench", "train_bench", "generate_bench")
-CSVS = ("kernels.csv", "adaln.csv", "train_throughput.csv", "generate_throughput.csv")
+STAGES = ("install", "train_bench", "generate_bench", "kernels_bench", "tests", "adaln_bench")
+CSVS = ("kernels.csv", "adaln.csv", "train_throughput.csv", "train_profile.csv", "generate_throughput.csv")
 
 
 def test_the_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
@@ -24,7 +24,7 @@ def test_the_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
     summary = (out / "summary.txt").read_text().splitlines()
     assert [line.split()[0] for line in summary] == list(STAGES)
     assert all(line.split()[1] == "rc=0" for line in summary), summary
-    assert "skipped" in summary[0] and "collected" in summary[1]  # install skipped; the GPU run's test ids exist
+    assert "skipped" in summary[0] and "collected" in summary[4]  # install skipped; the GPU run's test ids exist
     assert "commit" in (out / "env.txt").read_text()
     assert [line.split()[1] for line in (out / "stages.log").read_text().splitlines() if line.startswith("===")] \
         == list(STAGES)
@@ -35,6 +35,11 @@ def test_the_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
         assert rows, name
         for row in rows:
             assert row["device"].startswith("CPU") and row["commit"] and row["date"], (name, row)
+    contenders = {row["contender"] for row in csv.DictReader((out / "train_throughput.csv").open(newline=""))}
+    assert contenders == {"trainer", "+train.channels_last=true", "+train.channels_last=true train.compile=true",
+                          "plain"}  # every switch off, each switch set, and the plain loop, in one run
+    assert {row["contender"] for row in csv.DictReader((out / "train_profile.csv").open(newline=""))} \
+        == contenders - {"plain"}
 
 
 def make_wheel(folder: Path, name: str, version: str, requires=(), tag="py3-none-any") -> None:
