@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU test and benchmark in one go, for a lent H100/H200 (< 8 minutes), results as CSVs that name the
+# Every GPU test and benchmark in one go, for a lent H100/H200 (one device call, < 10 minutes), results as CSVs that name the
 # device, commit and date, and one summary line per stage.
 #
 #   bash benchmarks/gpu_wheels.sh                      # here, with network: wheels into .cache/gpu-wheels
@@ -8,7 +8,7 @@
 #   GPU_SUITE_SMOKE=1 bash benchmarks/gpu_suite.sh [OUT]   # here, on CPU, ~1-2 min (tests/test_gpu_suite.py)
 #
 # OUT defaults to $OUT/gpu-suite when the device tool sets OUT, else benchmarks/results/gpu-suite-DATE.
-# Stages have their own time limits (together ~9 min at worst) and run even when an earlier one failed; the
+# Stages have their own time limits (together 560 s at worst) and run even when an earlier one failed; the
 # exit status is the number of failed stages. The GPU image has torch + triton but not
 # deepspeed/webdataset/submitit; its `python3` is the one with torch.
 # The smoke run (GPU_SUITE_SMOKE=1) runs every stage with the same command lines at toy sizes, so that a typo,
