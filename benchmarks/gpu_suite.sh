@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU test and benchmark in one go, for a lent H100/H200 (one device call, < 10 minutes), results as CSVs that name the
-# device, commit and date, and one summary line per stage.
+# Every GPU test and benchmark in one go, for a lent H100/H200 (one device call, < 10 minutes), results as CSVs
+# that name the device, commit and date, and one summary line per stage.
 #
 #   bash benchmarks/gpu_wheels.sh                      # here, with network: wheels into .cache/gpu-wheels
 #   BENCH_COMMIT=<commit> bash benchmarks/gpu_suite.sh [OUT]  # on the GPU machine (carry .cache/gpu-wheels
