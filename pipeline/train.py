@@ -51,11 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # first: a bad key answers before torch loads
+    from pipeline.data.shardset import resolve_shards
     from pipeline.latent import resolve_latent_config
 
     config = resolve_latent_config(config)
-    from pipeline.data.shardset import resolve_shards
-
     # A missing data set answers now, before DeepSpeed loads (the loader verifies the shards themselves later)
     resolve_shards(config.data.shards, verify="off", timeout_s=config.data.read_timeout_s)
     run_dir = Path(args.out or f"runs/{config.name}")
