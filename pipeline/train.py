@@ -86,6 +86,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        build_with_this_environments_ninja()
         if device.type == "cpu" and local_rank == 0:
             announce_compile("deepspeed_shm_comm", "DeepSpeed's shared-memory communication op for CPU ranks")
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
@@ -118,6 +119,16 @@ def announce_compile(op: str, what: str) -> None:
     print(f"compiling {what} ({op}): once per cache folder, 1-4 minutes; cached in "
           f"{cache or get_default_build_root()} (set TORCH_EXTENSIONS_DIR to share one cache between runs, the "
           "demo and the tests)", file=sys.stderr, flush=True)
+
+
+def build_with_this_environments_ninja() -> None:
+    """DeepSpeed builds its op with the first `ninja` on PATH. A system ninja (1.11 here) and the venv's (1.13)
+    hash build commands differently, so runs with and without the venv activated would each rebuild the cached
+    op (30-50 s) whenever they alternate. Use this interpreter's own ninja, as an activated venv does."""
+    own = Path(sys.executable).parent
+    path = os.environ.get("PATH", "")
+    if (own / "ninja").is_file() and path.split(os.pathsep)[0] != str(own):
+        os.environ["PATH"] = f"{own}{os.pathsep}{path}"
 
 
 def free_port() -> int:
