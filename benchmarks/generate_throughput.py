@@ -14,7 +14,8 @@ Weights are random (speed does not depend on them); the end-to-end row writes th
 Each row also gives model TFLOP/s (forward FLOPs per image counted once by pipeline.flops, times the steps;
 the end-to-end row counts only the model too) and MFU against the device's bf16 data-sheet peak (GPUs) and
 against a bf16 (GPU) / fp32 (CPU) matmul measured in the same run. The numbers are printed and written to a
-CSV that names the device, commit and date.
+CSV that names the device, commit and date. `--profile` then shows where one forward's time goes per path without
+a CUDA graph (`benchmarks/profile_breakdown.py`; rows in generate_profile.csv).
 """
 from __future__ import annotations
 
@@ -95,6 +96,10 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--num", type=int, default=256, help="images timed per row")
     p.add_argument("--compile", action="store_true", help="add a torch.compile row (CUDA; minutes to compile)")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile the model forward of each path without a CUDA graph (torch.profiler, by "
+                        "category: convolutions, norms, attention, ..., device idle); rows go to "
+                        "generate_profile.csv beside --csv")
     p.add_argument("--csv", default=str(Path(__file__).resolve().parent / "results" / "generate_throughput.csv"),
                    help="results file to append to (one per benchmark; rows carry device, commit, date, versions)")
     args = p.parse_args()
@@ -134,7 +139,36 @@ def main() -> int:
         print(f"{sampler:6s} {steps:3d} steps  {'end-to-end':14s} {rate:10.1f} images/s  {utilisation(rate, steps)}",
               flush=True)
     write_csv(args.csv, rows, run_stamp(device), args, config, matmul)
+    if args.profile:
+        profile_forwards(base, model, config, args, device, forward_flops)
     return 0
+
+
+def profile_forwards(base, model, config, args, device, forward_flops: float) -> None:
+    """Where one denoiser forward's time goes, per speed path without a CUDA graph (a replayed graph hides its
+    kernels): the busy time bounds the forward MFU a graph could reach, the idle time is what the graph removes."""
+    from benchmarks.profile_breakdown import breakdown
+    from pipeline.generation.sampling import fast_inference
+
+    x = torch.randn(args.batch_size, config.data.channels, *config.data.image_size, device=device)
+    t = torch.full((args.batch_size,), config.diffusion.timesteps // 2, device=device)
+    rows, stamp = [], run_stamp(device)
+    for name, precision, graph, backend, compiled in paths_for(device, args.compile):
+        if graph:
+            continue
+        fresh = dataclasses_replace(base, model=copy.deepcopy(model))
+        denoiser = fast_inference(fresh, precision=precision, cuda_graph=False, compile_model=compiled).model
+        with torch.no_grad():
+            denoiser(x, t)  # warm-up: cuDNN autotuning, lazy initialisation
+            parts, wall = breakdown(lambda: denoiser(x, t), device, steps=5)
+        busy = sum(part["ms_per_step"] for part in parts[:-1])  # the last row is the idle / untracked time
+        print(f"profile of the {name} forward (batch {args.batch_size}): {wall:.3g} ms, busy {busy:.3g} ms = "
+              f"{args.batch_size * forward_flops / busy / 1e9:.3g} TFLOP/s while busy")
+        for part in parts:
+            print(f"    {part['category']:<46} {part['ms_per_step']:>9.3f} ms  {part['share_of_wall']:>6.1%}")
+            rows.append({**stamp, "config": args.config, "batch_size": args.batch_size, "path": name,
+                         **part, "wall_ms_per_forward": round(wall, 3)})
+    append_csv(Path(args.csv).with_name("generate_profile.csv"), rows)
 
 
 def write_csv(path: str, rows, stamp: dict, args, config, matmul: float) -> None:

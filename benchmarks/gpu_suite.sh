@@ -58,7 +58,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, its output in
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
   printf '%-16s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$(tail -n 1 "$log")" \
     | tee -a "$RESULTS/summary.txt"
-  # one log file for all stages: the device tool brings back at most 8 files (5 CSVs, env, summary, this)
+  # one log file for all stages: the device tool brings back at most 8 files (6 CSVs, summary, this)
   { echo "=== $name (rc=$rc): $*"; cat "$log"; } >>"$RESULTS/stages.log" && rm "$log"
 }
 
@@ -66,10 +66,9 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, its output in
   echo "date $STAMP commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} >"$RESULTS/env.txt" 2>&1
-cat "$RESULTS/env.txt"
+} 2>&1 | tee "$RESULTS/stages.log"  # the environment heads the stages' log
 
-# Time limits (seconds, GPU): 30 + 200 + 130 + 60 + 130 + 30 = 580, under 10 minutes at worst (+ ~15 s for env.txt;
+# Time limits (seconds, GPU): 30 + 200 + 130 + 60 + 130 + 30 = 580, under 10 minutes at worst (+ ~15 s for the environment;
 # give the device call timeout_s 600; the train stage's CIFAR compile is the least known). The issue's goals come first (training MFU, generation MFU and DDIM-50 speed,
 # bf16 kernels vs copy), the tests after them; the kernel benchmarks append each size's rows as they finish.
 # 1. the missing packages, from wheels built on a networked machine
@@ -80,9 +79,10 @@ stage install 30 "${INSTALL[@]}"
 stage train_bench 200 python3 benchmarks/train_throughput.py --config "$CONFIG" --steps "$STEPS" \
   --repeats "$REPEATS" --csv "$RESULTS/train_throughput.csv" --profile --switch train.channels_last=true \
   --switch "train.channels_last=true train.compile=true" train.precision=bf16 train.micro_batch="$BATCH"
-# 3. generation images/s and MFU per speed path (eager -> fused -> bf16+channels_last -> CUDA graph -> compile)
+# 3. generation images/s and MFU per speed path (eager -> fused -> bf16+channels_last -> CUDA graph -> compile);
+#    then a profile of one forward per path without a graph into generate_profile.csv
 stage generate_bench 130 python3 benchmarks/generate_throughput.py --config "$CONFIG" --batch-size "$BATCH" \
-  --num "$NUM" --compile --csv "$RESULTS/generate_throughput.csv"
+  --num "$NUM" --compile --profile --csv "$RESULTS/generate_throughput.csv"
 # 4. the fused kernels against the memory floor (copy bandwidth), eager torch and torch.compile
 stage kernels_bench 60 python3 -m kernels.bench --sizes "$KERNEL_SIZES" --dtypes "$KERNEL_DTYPES" \
   --csv "$RESULTS/kernels.csv"

@@ -64,6 +64,6 @@ def breakdown(step: Callable[[], object], device: torch.device, steps: int = 2) 
     busy = sum(totals.values())
     rows = [{"category": name, "ms_per_step": round(ms, 3), "share_of_wall": round(ms / wall, 4)}
             for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
-    rest = "device idle (launch gaps, host work)" if cuda else "outside operators (python, DeepSpeed, waits)"
+    rest = "device idle (launch gaps, host work)" if cuda else "outside operators (python, host work, waits)"
     rows.append({"category": rest, "ms_per_step": round(wall - busy, 3), "share_of_wall": round((wall - busy) / wall, 4)})
     return rows, wall
