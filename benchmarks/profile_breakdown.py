@@ -1,8 +1,9 @@
 """Where a step's time goes: torch.profiler self times summed into categories (convolutions, norms, attention...).
 
 On CPU each operator's SELF time counts once; on a GPU each kernel's time (by kernel name), so categories add up
-to the busy time; on a GPU, wall time minus busy time is what the device sat idle
-(launch gaps, host work, syncs); on CPU it is the time outside any operator (python, DeepSpeed). Used by `benchmarks/train_throughput.py --profile`.
+to the busy time. Wall time minus busy time is, on a GPU, what the device sat idle (launch gaps, host work, syncs);
+on CPU, the time outside any operator (python, DeepSpeed). Used by the `--profile` of
+`benchmarks/train_throughput.py` and `benchmarks/generate_throughput.py`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from typing import Callable
 
 import torch
+from torch.autograd import DeviceType
 
 # First match wins; patterns are matched against the lower-cased operator names (CPU) or kernel names (CUDA:
 # cuDNN's fprop/dgrad/wgrad convolution kernels, cuBLAS/CUTLASS gemms, at::native functor names, Triton kernels).
@@ -51,8 +53,6 @@ def breakdown(step: Callable[[], object], device: torch.device, steps: int = 2) 
             step()
         sync()
         wall = (time.perf_counter() - start) * 1e3 / steps
-    from torch.autograd import DeviceType
-
     totals: dict[str, float] = {}
     for event in prof.key_averages():
         # CUDA: the kernels themselves (operators' own device time would count each kernel a second time)
@@ -65,5 +65,6 @@ def breakdown(step: Callable[[], object], device: torch.device, steps: int = 2) 
     rows = [{"category": name, "ms_per_step": round(ms, 3), "share_of_wall": round(ms / wall, 4)}
             for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
     rest = "device idle (launch gaps, host work)" if cuda else "outside operators (python, host work, waits)"
-    rows.append({"category": rest, "ms_per_step": round(wall - busy, 3), "share_of_wall": round((wall - busy) / wall, 4)})
+    rows.append({"category": rest, "ms_per_step": round(wall - busy, 3),
+                 "share_of_wall": round((wall - busy) / wall, 4)})
     return rows, wall

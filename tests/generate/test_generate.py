@@ -1,11 +1,9 @@
 """Generation end to end on real trained tiny models: format, determinism across splits, conditioning."""
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 
 from pipeline.data.shards import verify_shards
