@@ -66,6 +66,12 @@ def accounting(job_id: str, fields: str, allocations_only: bool = False) -> dict
     return {row.split("|")[0]: row.split("|")[1:] for row in rows}
 
 
+def node_states() -> dict[str, str]:
+    """sinfo's state of every node, e.g. {"node1": "idle", "node2": "completing"}."""
+    rows = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, check=True).stdout
+    return dict(row.split() for row in rows.splitlines())
+
+
 def task_log(run, job_id: str, rank: int) -> str:
     return (run / ".submitit" / f"{job_id}_{rank}_log.out").read_text()
 
@@ -234,6 +240,9 @@ def test_generation_array_spread_over_both_nodes_equals_one_process_byte_for_byt
     subprocess.run([sys.executable, "-m", "pipeline", "generate", *generate, "--out", str(single)], cwd=REPO,
                    env=job_env(), check=True, capture_output=True, timeout=600)
     array = tmp_path / "array"
+    # The job before may still hold or be releasing a node (a `--wait` returns when the tasks have written their
+    # results, the batch script ends a moment later); LLN can only spread the tasks over nodes that are free.
+    wait_until(lambda: set(node_states().values()) == {"idle"}, 120, "every node to be idle")
     proc = run_launch("generate", "--cluster", "slurm", "--array", "3", "--time", "10", "--wait", "--",
                       *generate, "--out", str(array))
     assert proc.returncode == 0, proc.stderr[-4000:]
