@@ -26,8 +26,9 @@ def resolve_shards(path: str | os.PathLike, verify: str = "size",
     disagree with the manifest."""
     path = urls.local_path(path)
     if urls.is_remote(path):
-        return remote_specs(path, timeout_s)
-    if os.path.isdir(path):
+        found = remote_specs(path, timeout_s)
+        problems = remote_problems(found, timeout_s) if verify != "off" else []
+    elif os.path.isdir(path):
         manifest = shard_format.read_manifest(path)
         found = shard_format.shard_specs(path, manifest)
         missing = [s.path for s in found if not os.path.isfile(s.path)]
@@ -53,15 +54,38 @@ def resolve_shards(path: str | os.PathLike, verify: str = "size",
 
 def remote_specs(path: str, timeout_s: float) -> list[ShardInfo]:
     """Shards of a remote folder as its manifest describes them (ids and classes too, so the reader can
-    check keys and labels); of a remote pattern with the counts `urls.remote_shards` finds."""
+    check keys and labels); of a remote pattern with the counts and sizes of manifests beside the shards."""
     if not urls.is_folder(path):
-        return [ShardInfo(url, count) for url, count in urls.remote_shards(path, timeout_s)]
+        return [ShardInfo(url) if record is None else ShardInfo(url, int(record["num_samples"]),
+                                                               bytes=int(record["bytes"]))
+                for url, record in urls.remote_shards(path, timeout_s)]
     manifest = urls.read_manifest(urls.join(path, shard_format.MANIFEST_NAME), timeout_s)
     found = shard_format.shard_specs(path, manifest, join=urls.join)
     if not found:
         raise LoaderError(f"the manifest of {path} lists no shards")
     urls.check_readable(found[0].path, timeout_s)
     return found
+
+
+def remote_problems(found: list[ShardInfo], timeout_s: float) -> list[str]:
+    """How http(s) shards disagree with their manifest records, by one HEAD request each (16 at a time): a
+    shard the server says is not there (404/410) or whose size differs. Sizes only, whatever the level: a
+    sha256 needs every byte. A server that refuses HEAD (presigned S3 URLs) or gives no size is not a
+    problem; `pipe:` and other schemes are not checked; the reader counts what then fails as lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(spec: ShardInfo) -> str | None:
+        try:
+            size = urls.http_size(spec.path, timeout_s)
+        except urls.RemoteReadError as exn:
+            return f"{urls.file_name(spec.path)}: missing ({exn})"
+        if size is not None and spec.bytes is not None and size != spec.bytes:
+            return f"{urls.file_name(spec.path)}: {size} bytes, manifest says {spec.bytes}"
+        return None
+
+    checked = [s for s in found if urls.scheme(s.path) in ("http", "https")]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [p for p in pool.map(problem, checked) if p]
 
 
 def specs_from_manifests(names: list[str]) -> list[ShardInfo]:

@@ -9,6 +9,8 @@ A remote *folder* is a URL that names no `.tar` (`http://host/data/fmnist`) or a
 where the file name goes (`pipe:gsutil cat gs://b/fmnist/{name}`); its `manifest.json` lists the shards.
 For a pattern, the manifest is looked for beside the shards (the `.tar` name replaced by `manifest.json`);
 without one the sample counts are unknown, and a shard cut short then counts as one lost sample.
+`http_size` asks an http(s) server for a shard's size (HEAD), so a missing or resized shard is refused at
+the start rather than counted as lost when the reader reaches it.
 
 http(s) goes through curl, as in webdataset, but with bounded waits (a connect timeout; abort when no byte
 arrives for `timeout_s`) and without curl's own retries: a retry here knows which samples were already
@@ -27,6 +29,8 @@ import os
 import re
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -227,7 +231,10 @@ def check_readable(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Fail now, with one line naming the URL, when its first bytes cannot be read (404, no host, bad command)."""
     try:
         with opened(url, timeout_s) as stream:
-            if not stream.read(512):
+            # A command's pipe read directly: gopen's read raises when the command has already exited non-zero,
+            # but one that fails after its first bytes failed part-way, which the reader retries.
+            raw = stream.stream if isinstance(stream, _gopen().Pipe) else stream
+            if not raw.read(512):
                 raise RemoteReadError(f"{url}: {failure(stream, wait_s=timeout_s) or 'empty'}")
     except RemoteReadError:
         raise
@@ -272,36 +279,48 @@ def read_manifest(where: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str,
     return manifest
 
 
-def remote_shards(spec: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[tuple[str, int | None]]:
-    """(URL, sample count or None) of each shard of a remote folder or pattern; the first shard is opened
-    once, so a wrong address fails here with one line naming it."""
+def remote_shards(pattern: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[tuple[str, dict[str, Any] | None]]:
+    """(URL, its manifest record or None) of each shard of a remote pattern, the record from a manifest beside
+    the shards; the first shard is opened once, so a wrong address fails here with one line naming it."""
     from pipeline.data.shards import MANIFEST_NAME
 
-    if is_folder(spec):
-        manifest = read_manifest(join(spec, MANIFEST_NAME), timeout_s)
-        found = [(join(spec, r["name"]), int(r["num_samples"])) for r in manifest["shards"]]
-        if not found:
-            raise RemoteReadError(f"the manifest of {spec} lists no shards")
-    else:
-        found = [(url, None) for url in expand(spec)]
-        counts: dict[str | None, dict[str, int]] = {}  # manifest location -> shard name -> count
-        for i, (url, _) in enumerate(found):
-            where = sibling(url, MANIFEST_NAME)
-            if where not in counts:
-                counts[where] = manifest_counts(where, timeout_s)
-            found[i] = (url, counts[where].get(file_name(url)))
+    found: list[tuple[str, dict[str, Any] | None]] = []
+    records: dict[str | None, dict[str, dict[str, Any]]] = {}  # manifest location -> shard name -> record
+    for url in expand(pattern):
+        where = sibling(url, MANIFEST_NAME)
+        if where not in records:
+            records[where] = manifest_records(where, timeout_s)
+        found.append((url, records[where].get(file_name(url))))
     check_readable(found[0][0], timeout_s)
     return found
 
 
-def manifest_counts(where: str | None, timeout_s: float) -> dict[str, int]:
-    """Shard name -> sample count from the manifest at `where`; empty (and said so) when there is none."""
+def manifest_records(where: str | None, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Shard name -> its record (num_samples, bytes, sha256) in the manifest at `where`; empty (and said so)
+    when there is none."""
     reason = "no .tar name to put manifest.json in place of"
     if where is not None:
         try:
-            return {r["name"]: int(r["num_samples"]) for r in read_manifest(where, timeout_s)["shards"]}
+            return {r["name"]: r for r in read_manifest(where, timeout_s)["shards"]}
         except PipelineError as exn:
             reason = str(exn)
     logger.warning("no manifest beside the shards (%s): sample counts unknown, so a shard cut short counts as "
                    "one lost sample", reason)
     return {}
+
+
+def http_size(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> int | None:
+    """The size an http(s) server reports for `url` (a HEAD request), or None when it does not say: no
+    Content-Length, or HEAD refused (presigned S3 GET URLs answer 403, some servers 405/501) or not answered.
+    Only a definite "not there" (404, 410) is an error: the read itself decides everything uncertain."""
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            length = reply.headers.get("Content-Length")
+    except urllib.error.HTTPError as exn:
+        if exn.code in (404, 410):
+            raise RemoteReadError(f"{url}: HTTP {exn.code}") from None
+        return None
+    except (OSError, ValueError):  # no answer in time, a refused connection: the reader's retries handle it
+        return None
+    return int(length) if length and length.isdigit() else None

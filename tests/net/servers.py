@@ -87,6 +87,7 @@ class FaultProxy:
     `faults[path]` is a list consumed one per request: ("cut", n) sends the headers and n body bytes, then
     drops the connection; ("status", code) answers with that status; ("stall", s) sends half the body, then
     nothing for s seconds. A request with no fault left is passed through. `requests` counts GETs per path.
+    HEAD is refused with 403, as a presigned S3 URL (signed for GET) refuses it.
     """
 
     def __init__(self, upstream_port: int):
@@ -101,6 +102,11 @@ class FaultProxy:
 
             def log_message(self, *args):  # quiet
                 pass
+
+            def do_HEAD(self):
+                self.send_response(403)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def do_GET(self):
                 with proxy.lock:
