@@ -80,6 +80,11 @@ class DataConfig:
     read_retries: int = field(default=3, metadata={"range": NON_NEGATIVE})
     # a remote read that receives nothing for this long counts as failed
     read_timeout_s: float = field(default=30.0, metadata={"range": POSITIVE})
+    # node-local folder for copies of remote shards: each node downloads a shard once, not once per loader
+    # worker of every rank ($VARS expand on the node, e.g. $SLURM_TMPDIR/shards); None: stream every read
+    cache_dir: Optional[str] = field(default=None, metadata=MAY_CHANGE_ON_RESUME)
+    # the most the cache keeps, in GB (least recently used copies go first); None: no limit
+    cache_gb: Optional[float] = field(default=None, metadata={"range": POSITIVE, **MAY_CHANGE_ON_RESUME})
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -295,7 +295,9 @@ class Trainer:
                                seed=t.seed, rank=self.rank, world_size=self.world, num_workers=d.num_workers,
                                shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, resampled=d.resampled,
                                max_bad_fraction=d.max_bad_fraction, fit=d.fit, retries=d.read_retries,
-                               timeout_s=d.read_timeout_s, verify=d.verify, grad_accum=t.grad_accum, endless=True)
+                               timeout_s=d.read_timeout_s, verify=d.verify, grad_accum=t.grad_accum, endless=True,
+                               cache_dir=d.cache_dir,
+                               cache_bytes=None if d.cache_gb is None else int(d.cache_gb * 1e9))
 
     def batches(self):
         """Micro-batches forever. The loader is endless (epoch runs into epoch inside its global order), so every

@@ -8,7 +8,8 @@ micro_batch x world_size x grad_accum positions: micro-batch slot s = accum * wo
 noise for), and a rank's micro-batches go round-robin to its DataLoader workers. Every worker reads the whole
 stream (tar bytes, cheap) and decodes only what it owns (the expensive part), so the global batches, and the
 model trained on them, do not depend on how many ranks or workers share the work. The cost: each worker reads
-every shard's bytes; that is cheap from a local or shared file system and grows with the workers over a network.
+every shard's bytes; that is cheap from a local or shared file system and grows with the workers over a network,
+unless `cache_dir` names a node-local folder (`pipeline.data.cache`): then each node downloads a shard once.
 A finite loader yields one epoch per `iter()` (its last global batch partial); an endless one (the trainer's,
 and every resampled one) runs epoch into epoch, so a global batch may span two and no sample is ever dropped.
 
@@ -45,6 +46,7 @@ from PIL import Image
 
 from pipeline.data import shards as shard_format
 from pipeline.data import urls
+from pipeline.data.cache import ShardCache
 from pipeline.data.shardset import LoaderError, ShardInfo, resolve_shards  # noqa: F401 (LoaderError: this API)
 from pipeline.errors import PipelineError
 from pipeline.images import to_model_range
@@ -224,13 +226,18 @@ class ShardRead:
     `report` says exactly what the shard could not deliver. Loader and evaluation both read this way."""
 
     def __init__(self, shard: ShardInfo, retries: int = urls.DEFAULT_RETRIES,
-                 timeout_s: float = urls.DEFAULT_TIMEOUT_S):
-        self.shard, self.retries, self.timeout_s = shard, retries, timeout_s
+                 timeout_s: float = urls.DEFAULT_TIMEOUT_S, cache: ShardCache | None = None):
+        self.shard, self.retries, self.timeout_s, self.cache = shard, retries, timeout_s, cache
         self.attempts: list[shard_format.ShardReport] = []  # one report per read of the stream
         self.error: str | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
+            cached = self.cache.open(self.shard, self.retries, self.timeout_s) if self.cache else None
+            if cached is not None:  # the node's local copy, read like a local shard
+                with cached:
+                    yield from self._parse(cached)
+                return
             yield from urls.read_retrying(self.shard.path, self._parse, retries=self.retries,
                                           timeout_s=self.timeout_s)
         except (EOFError, OSError) as exn:  # cut short, or unreadable after the retries: the rest is lost
@@ -248,11 +255,12 @@ class ShardRead:
 
 
 def read_plan(shards: list[ShardInfo], events: list[BadEvent], progress: Progress,
-              retries: int = urls.DEFAULT_RETRIES, timeout_s: float = urls.DEFAULT_TIMEOUT_S) -> Iterator[dict[str, Any]]:
-    """Samples of the shards, in order, from the strict reader; what a shard could not deliver becomes one
-    BadEvent (counting its lost samples exactly), never an exception."""
+              retries: int = urls.DEFAULT_RETRIES, timeout_s: float = urls.DEFAULT_TIMEOUT_S,
+              cache: ShardCache | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of the shards, in order, from the strict reader (remote ones through `cache` when given); what a
+    shard could not deliver becomes one BadEvent (counting its lost samples exactly), never an exception."""
     for shard in shards:
-        read = ShardRead(shard, retries, timeout_s)
+        read = ShardRead(shard, retries, timeout_s, cache if urls.is_remote(shard.path) else None)
         yield from read
         report = read.report
         if report.lost or report.damage or report.ignored:
@@ -275,6 +283,7 @@ class StreamConfig:
     endless: bool  # epochs follow each other without a break (a global batch may span two)
     retries: int = urls.DEFAULT_RETRIES  # re-reads of a remote shard that fails part-way
     timeout_s: float = urls.DEFAULT_TIMEOUT_S  # a remote read idle this long counts as dropped
+    cache: ShardCache | None = None  # node-local copies of remote shards (pipeline/data/cache.py)
 
 
 class UnitStream(torch.utils.data.IterableDataset):
@@ -335,7 +344,7 @@ class UnitStream(torch.utils.data.IterableDataset):
         while True:
             progress, events, index = Progress(epoch), [], 0
             raw = read_plan(epoch_shards(c.shards, seed=c.seed, epoch=epoch, resampled=c.resampled), events, progress,
-                            c.retries, c.timeout_s)
+                            c.retries, c.timeout_s, c.cache)
             if c.shuffle_buffer > 1:
                 raw = wds.filters.shuffle(c.shuffle_buffer, initial=c.shuffle_buffer,
                                           rng=seeded_rng(c.seed, epoch, "buffer"))(raw)
@@ -383,6 +392,15 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+def local_folder(path: str | os.PathLike) -> str:
+    """`path` with `~` and environment variables expanded where the loader runs (`$SLURM_TMPDIR/shards` is the
+    task's node-local folder, not the submitting host's)."""
+    expanded = os.path.expandvars(os.path.expanduser(str(path)))
+    if "$" in expanded:
+        raise LoaderError(f"cache folder {path!r}: an environment variable in it is not set here")
+    return expanded
+
+
 class StreamingLoader:
     """Iterate `Batch`es from a shard folder or pattern; one finite epoch per `iter()` unless endless.
 
@@ -399,7 +417,8 @@ class StreamingLoader:
                  shuffle_buffer: int = 1000, hflip: bool = False, resampled: bool = False,
                  max_bad_fraction: float = 0.01, fit: str = "resize", retries: int = urls.DEFAULT_RETRIES,
                  timeout_s: float = urls.DEFAULT_TIMEOUT_S, verify: str = "size", grad_accum: int = 1,
-                 endless: bool = False):
+                 endless: bool = False, cache_dir: str | os.PathLike | None = None,
+                 cache_bytes: int | None = None):
         resolution = image_size(resolution)
         if batch_size < 1 or min(resolution) < 1 or channels < 1 or num_workers < 0 or grad_accum < 1:
             raise LoaderError(f"need batch_size >= 1, resolution >= 1, channels >= 1, num_workers >= 0, "
@@ -414,8 +433,9 @@ class StreamingLoader:
         if retries < 0 or timeout_s <= 0:
             raise LoaderError(f"need retries >= 0 and timeout_s > 0; got {retries}, {timeout_s}")
         split = Split(batch_size, world_size, grad_accum, max(1, num_workers))
+        cache = None if cache_dir is None else ShardCache(local_folder(cache_dir), cache_bytes)
         self.config = StreamConfig(resolve_shards(path, verify, timeout_s), split, resolution, channels, fit, seed, rank,
-                                   shuffle_buffer, hflip, resampled, endless or resampled, retries, timeout_s)
+                                   shuffle_buffer, hflip, resampled, endless or resampled, retries, timeout_s, cache)
         self._start_epoch(0)
 
     # ------------------------------------------------------------ position

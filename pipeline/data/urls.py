@@ -23,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib
+import io
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -212,19 +214,26 @@ def opened(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[BinaryIO]
         close_quietly(stream)
 
 
-def read_bytes(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
-    """The whole content at `url`; a RemoteReadError naming the URL when it cannot be read completely."""
+def copy_to(url: str, out: BinaryIO, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Write the whole content at `url` into `out`; a RemoteReadError naming the URL when it cannot be read
+    completely."""
     try:
         with opened(url, timeout_s) as stream:
-            data = stream.stream.read() if isinstance(stream, _gopen().Pipe) else stream.read()
+            shutil.copyfileobj(stream.stream if isinstance(stream, _gopen().Pipe) else stream, out, 1 << 20)
             reason = failure(stream, wait_s=timeout_s)
             if reason:
                 raise RemoteReadError(f"{url}: {reason}")
-            return data
     except RemoteReadError:
         raise
     except OSError as exn:
         raise RemoteReadError(f"{url}: {exn}") from None
+
+
+def read_bytes(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
+    """The whole content at `url`; a RemoteReadError naming the URL when it cannot be read completely."""
+    buffer = io.BytesIO()
+    copy_to(url, buffer, timeout_s)
+    return buffer.getvalue()
 
 
 def check_readable(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
