@@ -33,6 +33,7 @@ from pipeline.data.shards import ShardSpec
 
 logger = logging.getLogger(__name__)
 PARTIAL_PREFIX = ".fetch-"  # a download in progress (or left by a killed process); never read
+STALE_PARTIAL_S = 3600  # a download nobody wrote to for this long was left by a killed process
 
 
 class ShardMismatch(Exception):
@@ -134,6 +135,7 @@ class ShardCache:
                 return False
             logger.debug("cached %s: %d bytes in %.2f s", shard.path, size, time.monotonic() - started)
             self._evict(keep=entry)
+            self._remove_stale_partials()
             return True
         return False
 
@@ -172,3 +174,10 @@ class ShardCache:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 total -= size
+
+    def _remove_stale_partials(self) -> None:
+        now = time.time()
+        for path in self.folder.glob(PARTIAL_PREFIX + "*"):
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime > STALE_PARTIAL_S:
+                    path.unlink()

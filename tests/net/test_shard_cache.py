@@ -2,7 +2,9 @@
 shard from one download, and what they read is exactly what they read without the cache, whatever goes wrong
 with the download, the copy or the cache's disk. Real nginx, the counting fault proxy in front of it."""
 import logging
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from pipeline.data.cache import ShardCache
 from pipeline.data.shards import shard_specs
 from pipeline.errors import PipelineError
 from tests.net.test_read_urls import epoch, make_loader
+from tests.train.conftest import read_log, run_training
 
 SHARD_PATHS = [f"/digits/shard-{i:06d}.tar" for i in range(6)]
 
@@ -103,6 +106,18 @@ def test_a_size_limit_keeps_the_most_recent_copies(nginx, digits_shards, tmp_pat
     assert 1 <= len(kept) <= 2 and sum(kept) <= limit
 
 
+def test_downloads_left_by_a_killed_process_are_removed_once_stale(nginx, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale, fresh = cache / ".fetch-killed", cache / ".fetch-in-progress"
+    for partial in (stale, fresh):
+        partial.write_bytes(b"half a shard")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    epoch(make_loader(f"{nginx.url}/digits", cache_dir=cache))
+    assert not stale.exists() and fresh.exists()
+
+
 def test_a_cache_that_cannot_be_written_falls_back_to_streaming(nginx, digits_shards, tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -119,3 +134,19 @@ def test_the_cache_folder_expands_variables_where_the_loader_runs(nginx, tmp_pat
     monkeypatch.delenv("NODE_TMP")
     with pytest.raises(PipelineError, match=r"cache folder '\$NODE_TMP/shards': an environment variable"):
         make_loader(f"{nginx.url}/digits", cache_dir="$NODE_TMP/shards")
+
+
+def test_training_from_http_through_the_cache_equals_training_from_local_files(proxy, digits_shards, tmp_path):
+    steps = ["train.steps=4", "data.num_workers=2"]
+    run_training(tmp_path / "local", digits_shards, *steps)
+    cache = tmp_path / "cache"
+    run_training(tmp_path / "remote", f"{proxy.url}/digits", *steps, f"data.cache_dir={cache}")
+    losses = [[row["loss"] for row in read_log(tmp_path / run) if "loss" in row] for run in ("local", "remote")]
+    assert len(losses[0]) == 4 and losses[1] == losses[0]
+    # 4 steps read a few shards (in the epoch's permuted order): each downloaded once for the 2 workers; shard 0
+    # also has the first bytes read by train's start check and by the loader's
+    downloads = {**shard_gets(proxy)}
+    downloads[SHARD_PATHS[0]] -= 2
+    downloads = {path: count for path, count in downloads.items() if count}
+    assert len(downloads) >= 2 and set(downloads.values()) == {1}, downloads
+    assert len(list(cache.glob("*.tar"))) == len(downloads)
