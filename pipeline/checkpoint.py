@@ -321,6 +321,18 @@ def export_weights(state_dict: dict[str, torch.Tensor], config: Config, step: in
     return path
 
 
+def prune_exports(run_dir: Path, keep: int | None) -> None:
+    """Remove all but the newest `keep` step exports, never one of a complete checkpoint (generating from a
+    checkpoint folder loads it) nor latest.safetensors; None keeps every one."""
+    if keep is None:
+        return
+    exports = sorted((Path(run_dir) / "export").glob("ema-step-*.safetensors"), key=step_of)
+    protected = {step_of(c) for c in complete_checkpoints(Path(run_dir))}
+    for old in exports[:-keep]:
+        if step_of(old) not in protected:
+            old.unlink(missing_ok=True)
+
+
 @dataclass
 class Inference:
     model: torch.nn.Module

@@ -156,6 +156,9 @@ class TrainConfig:
     log_every: int = field(default=20, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
     ckpt_every: int = field(default=500, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
     keep_last: int = field(default=2, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
+    # EMA exports (export/ema-step-*.safetensors) to keep, newest first, besides those of kept checkpoints and
+    # latest.safetensors; None: every one (one per checkpoint and sample grid: 154 MB each for the CIFAR UNet)
+    keep_exports: Optional[int] = field(default=None, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
     # 0 = only at the end
     sample_every: int = field(default=500, metadata={"range": NON_NEGATIVE, **MAY_CHANGE_ON_RESUME})
     num_sample_images: int = field(default=64, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})

@@ -463,8 +463,9 @@ class Trainer:
             self.saved_step = self.step  # this state is a complete checkpoint of this run already
 
     def export(self) -> Path | None:
-        """Write the EMA weights as safetensors (collective under ZeRO-3; rank 0 writes), once per step."""
-        from pipeline.checkpoint import export_weights
+        """Write the EMA weights as safetensors (collective under ZeRO-3; rank 0 writes), once per step; older
+        ones beyond `train.keep_exports` go."""
+        from pipeline.checkpoint import export_weights, prune_exports
 
         if self.exported_step == self.step:  # a checkpoint and a grid at the same step share one export
             return self.last_export
@@ -474,6 +475,7 @@ class Trainer:
         if self.rank != 0:
             return None
         self.last_export = export_weights(weights, self.config, self.step, self.run_dir)
+        prune_exports(self.run_dir, self.config.train.keep_exports)
         return self.last_export
 
     def write_samples(self) -> Path | None:

@@ -68,10 +68,25 @@ def test_training_learns_and_writes_every_artifact(tmp_path, digits_shards):
     per_image = flops_per_image(load_config(run / "config.yaml"))  # the log reports TFLOP/s from model FLOPs
     assert log[-1]["tflops"] == pytest.approx(log[-1]["images_per_s"] * per_image / 1e12)
     assert [c.name for c in complete_checkpoints(run)] == ["step-0000100", "step-0000150"]  # last K kept
+    exports = sorted(p.name for p in (run / "export").glob("ema-step-*.safetensors"))
+    assert exports == [f"ema-step-{s:07d}.safetensors" for s in (50, 100, 150)]  # by default every export is kept
     assert (run / "samples" / "latest.png").stat().st_size > 0
     assert (run / "config.yaml").exists() and list((run / "tb").iterdir())
     inference = load_for_inference(run)
     assert inference.step == 150 and inference.config.train.steps == 150
+
+
+def test_keep_exports_prunes_old_exports_but_never_those_of_kept_checkpoints(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    # exports at steps 2, 3, 4, 6, 8 (checkpoints and grids); checkpoints 6 and 8 kept
+    run_training(run, digits_shards, "train.steps=8", "train.ckpt_every=2", "train.sample_every=3",
+                 "train.keep_last=2", "train.keep_exports=1")
+    assert [c.name for c in complete_checkpoints(run)] == ["step-0000006", "step-0000008"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == [
+        "ema-step-0000006.safetensors", "ema-step-0000008.safetensors", "latest.safetensors"]
+    assert sorted(p.name for p in (run / "samples").glob("step-*.png")) == [
+        "step-0000003.png", "step-0000006.png", "step-0000008.png"]  # grids were drawn from the pruned exports
+    assert load_for_inference(complete_checkpoints(run)[0]).step == 6  # a kept checkpoint's export is there
 
 
 def test_resume_with_a_different_model_is_refused(tmp_path, digits_shards):
