@@ -7,7 +7,8 @@ while the others wait on the entry's file lock, and all of them read that copy: 
 and resumes read nothing remote while the copy is kept.
 
 - Entries are named by the manifest's sha256 when it gives one, and the download is hashed and sized as it is
-  written, so a stale or wrong copy is never used; without a manifest record, by a hash of the URL.
+  written, so a stale or wrong copy is never used. A shard without a manifest record is named by a hash of its
+  URL, so one replaced at the same URL is not noticed while its copy is kept.
 - Writes are atomic (a temporary file, renamed); an entry is used only when it is complete and of the
   manifest's size.
 - With a size limit, the least recently used entries are removed first. A reader that holds one open keeps

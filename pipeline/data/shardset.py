@@ -54,10 +54,11 @@ def resolve_shards(path: str | os.PathLike, verify: str = "size",
 
 def remote_specs(path: str, timeout_s: float) -> list[ShardInfo]:
     """Shards of a remote folder as its manifest describes them (ids and classes too, so the reader can
-    check keys and labels); of a remote pattern with the counts and sizes of manifests beside the shards."""
+    check keys and labels); of a remote pattern with the counts, sizes and sha256 of manifests beside the
+    shards."""
     if not urls.is_folder(path):
         return [ShardInfo(url) if record is None else ShardInfo(url, int(record["num_samples"]),
-                                                               bytes=int(record["bytes"]))
+                                                               bytes=int(record["bytes"]), sha256=record["sha256"])
                 for url, record in urls.remote_shards(path, timeout_s)]
     manifest = urls.read_manifest(urls.join(path, shard_format.MANIFEST_NAME), timeout_s)
     found = shard_format.shard_specs(path, manifest, join=urls.join)

@@ -52,6 +52,13 @@ def test_one_download_per_shard_serves_every_rank_and_worker_and_later_epochs(pr
     assert shard_gets(proxy) == reads(4, starts=2)
 
 
+def test_a_pattern_with_a_manifest_beside_it_is_cached_by_content_too(nginx, digits_shards, tmp_path):
+    cache = tmp_path / "cache"
+    pattern = f"{nginx.url}/digits/shard-{{000000..000005}}.tar"
+    assert_same_epoch(epoch(make_loader(pattern, cache_dir=cache)), epoch(make_loader(digits_shards)))
+    assert sorted(p.name for p in cache.glob("*.tar")) == sorted(map(ShardCache.entry_name, shard_specs(digits_shards)))
+
+
 def test_a_truncated_copy_is_fetched_again(proxy, digits_shards, tmp_path):
     cache = tmp_path / "cache"
     expected = epoch(make_loader(digits_shards))
