@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import complete_checkpoints
+from pipeline.data.cache import ShardCache
+from pipeline.data.shards import shard_specs
 from tests.launch.conftest import REPO, job_env, run_launch, train_args
+from tests.net.servers import FaultProxy, Nginx
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
@@ -217,6 +221,43 @@ def test_a_node_that_dies_while_checkpointing_ends_the_job_and_a_rerun_resumes(t
     assert f"resumed from {checkpoints / 'step-0000010'} at step 10" in task_log(run, rerun_id, 0)
     assert logged_steps(run) == list(range(1, STEPS + 1))
     assert_same_weights(run, two_node_run[0])
+
+
+def controller_address() -> str:
+    """The address at which every node reaches this machine (the test cluster's bridge), from the running
+    cluster's own config: `SlurmctldHost[0] = HOST(ADDRESS)`."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"SlurmctldHost\[0\]\s*=\s*\S+\((\S+)\)", config)
+    assert found, "no SlurmctldHost address in `scontrol show config`"
+    return found.group(1)
+
+
+def test_two_nodes_read_shards_over_http_through_node_local_caches_to_the_same_weights(two_node_run, tmp_path,
+                                                                                       digits_shards):
+    nginx = Nginx(tmp_path / "nginx")
+    shutil.copytree(digits_shards, nginx.www / "digits")
+    proxy = FaultProxy(nginx.port, host=controller_address())  # the nodes' namespaces reach it over the bridge
+    try:
+        run = tmp_path / "http"
+        # $SLURMD_NODENAME expands in each task, on its node: one cache folder per node, as a node-local disk is
+        proc = run_launch("train", "--cluster", "slurm", *TWO_NODES, "--time", "10", "--wait", "--",
+                          *train_args(run, f"{proxy.url}/digits", *TRAIN, "data.num_workers=2",
+                                      f"data.cache_dir={tmp_path}/cache-$SLURMD_NODENAME"))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        gets = {path: count for path, count in proxy.requests.items() if path.endswith(".tar")}
+    finally:
+        proxy.stop()
+        nginx.stop()
+    # Same data, order and noise as the run from local files (2 loader workers per rank change nothing).
+    assert_same_weights(run, two_node_run[0])
+    cached = {node: {p.name for p in (tmp_path / f"cache-{node}").glob("*.tar")} for node in ("node1", "node2")}
+    specs = {f"/digits/{Path(s.path).name}": ShardCache.entry_name(s) for s in shard_specs(digits_shards)}
+    # Each node downloaded each shard its 2 readers needed once (4 readers: 4 reads per shard without the cache);
+    # shard 0 also had its first bytes read by train's and the loader's start checks on each of the 2 ranks.
+    starts = {path: 4 if path.endswith("shard-000000.tar") else 0 for path in specs}
+    assert all(cached.values()) and len(gets) >= 2
+    for path, entry in specs.items():
+        assert gets.get(path, 0) - starts[path] == sum(entry in names for names in cached.values()), (path, gets)
 
 
 def test_a_two_task_job_on_one_node_that_raises_surfaces_its_traceback(tmp_path, digits_shards):

@@ -90,7 +90,9 @@ class FaultProxy:
     HEAD is refused with 403, as a presigned S3 URL (signed for GET) refuses it.
     """
 
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1"):
+        """Listening on `host` (another address of this machine, such as the test cluster's bridge, lets other
+        network namespaces in); nginx upstream stays on loopback."""
         self.upstream_port = upstream_port
         self.faults: dict[str, list[tuple[str, float]]] = defaultdict(list)
         self.requests: Counter = Counter()
@@ -142,10 +144,10 @@ class FaultProxy:
                     return
                 self.wfile.write(body)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
