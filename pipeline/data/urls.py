@@ -318,13 +318,24 @@ def manifest_records(where: str | None, timeout_s: float) -> dict[str, dict[str,
     return {}
 
 
+class _HeadRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect of a HEAD request with HEAD (urllib turns it into a GET, which starts sending the
+    whole shard)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        follow = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if follow is not None and req.get_method() == "HEAD":
+            follow.method = "HEAD"
+        return follow
+
+
 def http_size(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> int | None:
     """The size an http(s) server reports for `url` (a HEAD request), or None when it does not say: no
     Content-Length, or HEAD refused (presigned S3 GET URLs answer 403, some servers 405/501) or not answered.
     Only a definite "not there" (404, 410) is an error: the read itself decides everything uncertain."""
     request = urllib.request.Request(url, method="HEAD")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+        with urllib.request.build_opener(_HeadRedirects).open(request, timeout=timeout_s) as reply:
             length = reply.headers.get("Content-Length")
     except urllib.error.HTTPError as exn:
         if exn.code in (404, 410):

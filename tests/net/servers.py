@@ -38,6 +38,9 @@ http {{
             dav_access user:rw group:r all:r;
             client_max_body_size 0;
         }}
+        location /moved/ {{  # a permanent redirect, as object stores and CDNs answer: /moved/X -> /X
+            rewrite ^/moved/(.*)$ /$1 permanent;
+        }}
     }}
 }}
 """
@@ -62,7 +65,8 @@ def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout_s:
 
 
 class Nginx:
-    """nginx serving `root/www` at http://127.0.0.1:PORT/ (GET with ranges and keep-alive, PUT, MOVE)."""
+    """nginx serving `root/www` at http://127.0.0.1:PORT/ (GET with ranges and keep-alive, PUT, MOVE); /moved/X
+    redirects (301) to /X; every request is logged in `root/access.log`."""
 
     def __init__(self, root: Path):
         self.root, self.port = root, free_port()

@@ -161,6 +161,17 @@ def test_a_missing_or_resized_http_shard_is_refused_at_start_naming_it(nginx, br
         assert "data.verify=off" in said
 
 
+def test_redirected_shards_are_checked_with_head_requests_only(nginx, broken_set):
+    folder, whole = broken_set
+    with pytest.raises(PipelineError) as refused:
+        make_loader(f"{nginx.url}/moved{folder}")  # the manifest and each shard answer 301 -> {folder}/...
+    assert f"shard-000001.tar: {whole - 1024} bytes, manifest says {whole}" in str(refused.value)
+    log = (nginx.root / "access.log").read_text()
+    for i in (1, 2, 4, 5):  # each shard's redirect followed with HEAD: no shard body sent for the check
+        assert f'"HEAD {folder}/shard-{i:06d}.tar HTTP/1.1" 200' in log
+        assert f'"GET {folder}/shard-{i:06d}.tar ' not in log
+
+
 def test_a_server_refusing_head_is_read_and_its_losses_counted(nginx, proxy, broken_set, digits_shards):
     # Presigned URLs refuse HEAD: nothing can be checked at start, so the set is read, and what is not there is
     # counted lost exactly, as with data.verify=off on nginx itself.
