@@ -84,10 +84,13 @@ class ShardCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with self._locked(entry):  # one fetch per node; the others wait for it, then read the copy
-                if not self._usable(entry, shard) and not self._fetch(shard, entry, retries, timeout_s):
-                    return None
-                os.utime(entry)  # recently used: evicted last
-                return open(entry, "rb")  # opened under the lock, so no eviction can remove it before
+                for _ in range(2):  # another process's eviction may remove the entry between check and open
+                    if not self._usable(entry, shard) and not self._fetch(shard, entry, retries, timeout_s):
+                        return None
+                    with contextlib.suppress(FileNotFoundError):
+                        os.utime(entry)  # recently used: evicted last
+                        return open(entry, "rb")  # once open, removing the entry no longer matters (POSIX)
+                return None
         except OSError as exn:
             self._give_up(exn)
             return None

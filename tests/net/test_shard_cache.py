@@ -5,6 +5,8 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +113,27 @@ def test_a_size_limit_keeps_the_most_recent_copies(nginx, digits_shards, tmp_pat
     assert_same_epoch(epoch(make_loader(f"{nginx.url}/digits", cache_dir=cache, cache_bytes=limit)), expected)
     kept = [p.stat().st_size for p in cache.glob("*.tar")]
     assert 1 <= len(kept) <= 2 and sum(kept) <= limit
+
+
+def test_a_copy_evicted_between_check_and_open_is_fetched_again(nginx, digits_shards, tmp_path, monkeypatch):
+    from pipeline.data import cache as cache_module
+
+    spec = shard_specs(digits_shards)[0]
+    remote = replace(spec, path=f"{nginx.url}/digits/{Path(spec.path).name}")
+    cache = ShardCache(tmp_path / "cache")
+    cache.open(remote).close()
+    entry = tmp_path / "cache" / ShardCache.entry_name(spec)
+    utime = os.utime
+
+    def evicted_first(path, *args):  # another process's eviction removes the copy right after the size check
+        monkeypatch.setattr(cache_module.os, "utime", utime)
+        Path(path).unlink()
+        return utime(path, *args)
+
+    monkeypatch.setattr(cache_module.os, "utime", evicted_first)
+    with cache.open(remote) as copy:
+        assert copy.read() == Path(spec.path).read_bytes()
+    assert entry.exists() and not cache.disabled
 
 
 def test_downloads_left_by_a_killed_process_are_removed_once_stale(nginx, tmp_path):
