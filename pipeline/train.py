@@ -61,13 +61,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         return Trainer(config, run_dir, resume=args.resume).fit()
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():  # left to interpreter exit, its threads sometimes abort the process (SIGABRT)
-            dist.destroy_process_group()
+        end_distributed()
 
 
 # ---------------------------------------------------------------- distributed set-up
+
+def end_distributed() -> None:
+    """Destroy the process group, if any. Left to interpreter exit, gloo's threads sometimes abort the process
+    (SIGABRT, "terminate called without an active exception") after the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Initialise torch.distributed through DeepSpeed from torchrun-style variables (defaults: 1 process)."""

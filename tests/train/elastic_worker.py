@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.ema import full_state_dict
-from pipeline.train import Trainer, add_arguments
+from pipeline.train import Trainer, add_arguments, end_distributed
 
 
 def main(prefix: str, argv: list[str]) -> int:
@@ -41,4 +41,8 @@ def main(prefix: str, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2:]))
+    try:
+        code = main(sys.argv[1], sys.argv[2:])
+    finally:
+        end_distributed()  # as `python -m pipeline train` does: one CI run's rank aborted at exit without it
+    sys.exit(code)

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 
 from pipeline.config import load_config
 from pipeline.ema import full_state_dict
-from pipeline.train import Trainer
+from pipeline.train import Trainer, end_distributed
 from tests.train.conftest import FAST
 
 
@@ -39,4 +39,7 @@ def main(out: str, shards: str, run_dir: str, zero_stage: str, global_batch: str
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    finally:
+        end_distributed()  # as `python -m pipeline train` does: gloo's threads can abort an exit left to them
