@@ -51,12 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # first: a bad key answers before torch loads
+    from pipeline.data.cache import node_folder
     from pipeline.data.shardset import resolve_shards
     from pipeline.latent import resolve_latent_config
 
     config = resolve_latent_config(config)
     # A missing data set answers now, before DeepSpeed loads (the loader verifies the shards themselves later)
     resolve_shards(config.data.shards, verify="off", timeout_s=config.data.read_timeout_s)
+    if config.data.cache_dir is not None:
+        node_folder(config.data.cache_dir)  # an unset variable in it, too
     run_dir = Path(args.out or f"runs/{config.name}")
     try:
         return Trainer(config, run_dir, resume=args.resume).fit()

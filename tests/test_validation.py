@@ -96,6 +96,14 @@ def test_train_on_missing_data_answers_before_deepspeed_and_writes_nothing(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_train_with_an_unset_variable_in_the_cache_folder_answers_before_deepspeed(tmp_path, digits_shards):
+    proc = pipeline_cli("train", "--out", tmp_path / "run", f"data.shards={digits_shards}",
+                        "data.cache_dir=$NO_SUCH_VARIABLE_HERE/shards")
+    assert_one_line_error(proc, "cache folder '$NO_SUCH_VARIABLE_HERE/shards'", "not set here", torch_free=False)
+    assert "deepspeed" not in (proc.stdout + proc.stderr).lower()
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flags, parts", [
     (["--out", "{file}"], ["argument --out", "{file} is a file, expected a folder"]),
     (["--out", "{file}/run"], ["argument --out", "is a file, so no folder can be created under it"]),

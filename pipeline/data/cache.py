@@ -31,10 +31,20 @@ from typing import BinaryIO, Iterator
 
 from pipeline.data import urls
 from pipeline.data.shards import ShardSpec
+from pipeline.data.shardset import LoaderError
 
 logger = logging.getLogger(__name__)
 PARTIAL_PREFIX = ".fetch-"  # a download in progress (or left by a killed process); never read
 STALE_PARTIAL_S = 3600  # a download nobody wrote to for this long was left by a killed process
+
+
+def node_folder(path: str | os.PathLike) -> str:
+    """`path` with `~` and environment variables expanded where this process runs (`$SLURM_TMPDIR/shards` is
+    the task's node-local folder, not the submitting host's); an unset variable is refused."""
+    expanded = os.path.expandvars(os.path.expanduser(str(path)))
+    if "$" in expanded:
+        raise LoaderError(f"cache folder {str(path)!r}: an environment variable in it is not set here")
+    return expanded
 
 
 class ShardMismatch(Exception):

@@ -46,7 +46,7 @@ from PIL import Image
 
 from pipeline.data import shards as shard_format
 from pipeline.data import urls
-from pipeline.data.cache import ShardCache
+from pipeline.data.cache import ShardCache, node_folder
 from pipeline.data.shardset import LoaderError, ShardInfo, resolve_shards  # noqa: F401 (LoaderError: this API)
 from pipeline.errors import PipelineError
 from pipeline.images import to_model_range
@@ -392,15 +392,6 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def local_folder(path: str | os.PathLike) -> str:
-    """`path` with `~` and environment variables expanded where the loader runs (`$SLURM_TMPDIR/shards` is the
-    task's node-local folder, not the submitting host's)."""
-    expanded = os.path.expandvars(os.path.expanduser(str(path)))
-    if "$" in expanded:
-        raise LoaderError(f"cache folder {path!r}: an environment variable in it is not set here")
-    return expanded
-
-
 class StreamingLoader:
     """Iterate `Batch`es from a shard folder or pattern; one finite epoch per `iter()` unless endless.
 
@@ -433,7 +424,7 @@ class StreamingLoader:
         if retries < 0 or timeout_s <= 0:
             raise LoaderError(f"need retries >= 0 and timeout_s > 0; got {retries}, {timeout_s}")
         split = Split(batch_size, world_size, grad_accum, max(1, num_workers))
-        cache = None if cache_dir is None else ShardCache(local_folder(cache_dir), cache_bytes)
+        cache = None if cache_dir is None else ShardCache(node_folder(cache_dir), cache_bytes)
         self.config = StreamConfig(resolve_shards(path, verify, timeout_s), split, resolution, channels, fit, seed, rank,
                                    shuffle_buffer, hflip, resampled, endless or resampled, retries, timeout_s, cache)
         self._start_epoch(0)
