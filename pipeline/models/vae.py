@@ -140,7 +140,7 @@ def _encoder(in_ch: int, widths: list[int], out_ch: int) -> nn.Sequential:
         ch = width
         if i < len(widths) - 1:
             layers.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
-    layers += [norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1)]
+    layers += [norm(ch, silu=True), nn.Identity(), nn.Conv2d(ch, out_ch, 3, padding=1)]
     return nn.Sequential(*layers)
 
 
@@ -151,5 +151,5 @@ def _decoder(latent_ch: int, widths: list[int], out_ch: int) -> nn.Sequential:
         ch = widths[i]
         if i > 0:
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
-    layers += [norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1)]
+    layers += [norm(ch, silu=True), nn.Identity(), nn.Conv2d(ch, out_ch, 3, padding=1)]
     return nn.Sequential(*layers)
