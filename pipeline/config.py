@@ -171,6 +171,9 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=MAY_CHANGE_ON_RESUME)
     # channels_last memory format for the input images and so the activations (cuDNN's fast bf16 convolutions)
     channels_last: bool = field(default=False, metadata=MAY_CHANGE_ON_RESUME)
+    # GroupNorm + scale-shift + SiLU of the UNet / VAE blocks as one Triton kernel (kernels.group_norm; CUDA, on
+    # CPU the same torch ops run either way); the weights, checkpoints and exports are the same with it on or off
+    fused_norm: bool = field(default=False, metadata=MAY_CHANGE_ON_RESUME)
     # consecutive non-finite steps before stopping with an error
     max_nonfinite: int = field(default=20, metadata={"range": COUNT, **MAY_CHANGE_ON_RESUME})
     # testing aid: make these steps' loss NaN
@@ -216,6 +219,9 @@ def check_consistency(config: Config) -> None:
         raise ConfigError(f"config key train.adam_betas: {t.adam_betas!r} must hold two values (beta1, beta2)")
     if not m.channel_mult:
         raise ConfigError("config key model.channel_mult: [] must hold at least one multiplier")
+    if t.fused_norm and m.type == "ddpm" and m.network != "unet":
+        raise ConfigError(f"config key train.fused_norm: true needs GroupNorm layers to fuse (model.network unet, "
+                          f"or model.type vae); model.network {m.network} has none")
     if m.type == "ddpm" and m.network == "dit":
         if m.patch_size < 1 or any(s % m.patch_size for s in d.image_size):
             raise ConfigError(f"config key model.patch_size: {m.patch_size} does not divide the image size "

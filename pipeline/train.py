@@ -207,6 +207,10 @@ class Trainer:
         model = build_model(config)
         if t.channels_last:
             channels_last_activations(model)
+        if t.fused_norm:
+            from pipeline.models.unet import use_fused_norms
+
+            use_fused_norms(model)
         if t.compile:
             compile_model(model)
             if self.rank == 0:

@@ -1,8 +1,9 @@
-"""The speed switches (train.compile, train.channels_last) change how a step runs, never what it computes."""
+"""The speed switches (train.compile, train.channels_last, train.fused_norm) change how a step runs, never what it
+computes."""
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.factory import build_model
 from tests.train.conftest import FAST, read_log, run_training
 from tests.train.test_trainer import assert_same_weights, model_states
@@ -22,6 +23,26 @@ def test_compiled_channels_last_training_matches_eager(tmp_path, digits_shards, 
     _, fast_module, fast_ema = model_states(tmp_path / "fast")
     assert_same_weights(eager_module, fast_module, atol=1e-4)  # the same names: compiled in place
     assert_same_weights(eager_ema, fast_ema, atol=1e-4)
+
+
+def test_fused_norm_switch_reaches_every_norm_and_trains_the_same(tmp_path, digits_shards, monkeypatch):
+    """train.fused_norm with the kernels in Triton's interpreter (on CPU the switch alone keeps the torch ops):
+    the weights differ (float32 sums in another order: the kernel really ran) by float rounding only."""
+    monkeypatch.setenv("DIFFUSION_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    steps = ["train.steps=3", "train.ckpt_every=3", "train.micro_batch=2", "train.loss_backend=torch"]
+    run_training(tmp_path / "eager", digits_shards, *steps)
+    run_training(tmp_path / "fused", digits_shards, *steps, "train.fused_norm=true")
+    _, eager_module, eager_ema = model_states(tmp_path / "eager")
+    _, fused_module, fused_ema = model_states(tmp_path / "fused")
+    assert any(not torch.equal(eager_module[k], fused_module[k]) for k in eager_module)
+    assert_same_weights(eager_module, fused_module, atol=1e-5)
+    assert_same_weights(eager_ema, fused_ema, atol=1e-5)
+
+
+def test_fused_norm_is_refused_for_a_network_without_group_norm():
+    with pytest.raises(ConfigError, match="train.fused_norm: true needs GroupNorm layers to fuse .* model.network dit"):
+        load_config("configs/tiny.yaml", ["model.network=dit", "model.patch_size=2", "train.fused_norm=true"])
 
 
 def test_channels_last_switch_makes_every_convolution_channels_last_and_keeps_contiguous_weights():
