@@ -9,9 +9,9 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("install", "train_bench", "generate_bench", "kernels_bench", "tests", "adaln_bench")
-CSVS = ("kernels.csv", "adaln.csv", "train_throughput.csv", "train_profile.csv", "generate_throughput.csv",
-        "generate_profile.csv")
+STAGES = ("install", "train_bench", "generate_bench", "kernels_bench", "tests", "adaln_bench", "group_norm_bench")
+CSVS = ("kernels.csv", "adaln.csv", "group_norm.csv", "train_throughput.csv", "train_profile.csv",
+        "generate_throughput.csv", "generate_profile.csv")
 
 
 def test_the_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
@@ -22,23 +22,24 @@ def test_the_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
     done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    summary = (out / "summary.txt").read_text().splitlines()
+    log = (out / "stages.log").read_text().splitlines()
+    summary = log[log.index("=== summary") + 1:]  # also printed, line by line, as each stage ends
+    assert summary == [line for line in done.stdout.splitlines() if line.split()[0] in STAGES]
     assert [line.split()[0] for line in summary] == list(STAGES)
     assert all(line.split()[1] == "rc=0" for line in summary), summary
     assert "skipped" in summary[0] and "collected" in summary[4]  # install skipped; the GPU run's test ids exist
-    assert "commit" in (out / "stages.log").read_text().splitlines()[0]  # the environment heads the log
-    assert [line.split()[1] for line in (out / "stages.log").read_text().splitlines() if line.startswith("===")] \
-        == list(STAGES)
+    assert "commit" in log[0]  # the environment heads the log
+    assert [line.split()[1] for line in log if line.startswith("===")] == [*STAGES, "summary"]
     # the device tool brings back at most 8 files from its output folder
-    assert sorted(p.name for p in out.iterdir()) == sorted([*CSVS, "summary.txt", "stages.log"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*CSVS, "stages.log"])
     for name in CSVS:
         rows = list(csv.DictReader((out / name).open(newline="")))
         assert rows, name
         for row in rows:
             assert row["device"].startswith("CPU") and row["commit"] and row["date"], (name, row)
     contenders = {row["contender"] for row in csv.DictReader((out / "train_throughput.csv").open(newline=""))}
-    assert contenders == {"trainer", "+train.channels_last=true", "+train.channels_last=true train.compile=true",
-                          "plain"}  # every switch off, each switch set, and the plain loop, in one run
+    assert contenders == {"trainer", "+train.channels_last=true", "+train.channels_last=true train.fused_norm=true",
+                          "+train.channels_last=true train.compile=true", "plain"}  # every switch off, each switch set, and the plain loop, in one run
     assert {row["contender"] for row in csv.DictReader((out / "train_profile.csv").open(newline=""))} \
         == contenders - {"plain"}
 
