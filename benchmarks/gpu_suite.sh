@@ -76,13 +76,14 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, its output in
 # bf16 kernels vs copy), the tests after them; the kernel benchmarks append each size's rows as they finish.
 # 1. the missing packages, from wheels built on a networked machine
 stage install 30 "${INSTALL[@]}"
-# 2. the CIFAR-size UNet training step (bf16, batch 128): every switch off, + channels_last, + channels_last and
-#    the fused GroupNorm kernel, + channels_last and torch.compile (one compile), and a plain loop, interleaved; TFLOP/s and MFU; then a profile of each trainer
+# 2. the CIFAR-size UNet training step (bf16, batch 128), a ladder that adds one switch a row: every switch off,
+#    + channels_last, + the fused GroupNorm kernel, + torch.compile (one compile), and a plain loop, interleaved; TFLOP/s and MFU; then a profile of each trainer
 #    by category (convolutions, norms, attention, optimizer, EMA, device idle) into train_profile.csv
 stage train_bench 210 python3 benchmarks/train_throughput.py --config "$CONFIG" --steps "$STEPS" \
   --repeats "$REPEATS" --csv "$RESULTS/train_throughput.csv" --profile --switch train.channels_last=true \
   --switch "train.channels_last=true train.fused_norm=true" \
-  --switch "train.channels_last=true train.compile=true" train.precision=bf16 train.micro_batch="$BATCH"
+  --switch "train.channels_last=true train.fused_norm=true train.compile=true" train.precision=bf16 \
+  train.micro_batch="$BATCH"
 # 3. generation images/s and MFU per speed path (eager -> fused -> bf16+channels_last -> CUDA graph -> compile);
 #    then a profile of one forward per path without a graph into generate_profile.csv
 stage generate_bench 125 python3 benchmarks/generate_throughput.py --config "$CONFIG" --batch-size "$BATCH" \

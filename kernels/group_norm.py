@@ -40,7 +40,7 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = DEFA
     check_inputs(x, num_groups, weight, bias, scale, shift)
     if choose_backend(x, weight, bias, scale, shift, backend=backend) == "torch":
         return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, silu=silu)
-    return GroupNormAct.apply(x, weight, bias, scale, shift, int(num_groups), float(eps), bool(silu), block_s)
+    return fused_group_norm_act(x, weight, bias, scale, shift, int(num_groups), float(eps), bool(silu), block_s)
 
 
 def check_inputs(x, num_groups, weight, bias, scale, shift) -> None:
@@ -232,11 +232,12 @@ def pick_block_s(channels_per_group: int, spatial: int, block_s: int | None) -> 
 
 def _vectors(x, weight, bias, scale, shift):
     """Kernel pointer arguments: absent vectors are passed as x (never read: HAS_AFFINE / HAS_MOD are off)."""
-    return [x if v is None else v.contiguous() for v in (weight, bias, scale, shift)]
+    return [x if v is None else v for v in (weight, bias, scale, shift)]
 
 
 def launch_forward(x, num_groups, weight, bias, scale, shift, eps, silu, out, mean, rstd, block_s=None):
-    """Forward into `out` (x's shape and strides) and per-(sample, group) `mean`, `rstd` (B*G,) float32."""
+    """Forward into `out` (x's shape and strides) and per-(sample, group) `mean`, `rstd` (B*G,) float32; the
+    (C,) / (B, C) vectors contiguous."""
     batch, channels = x.shape[:2]
     spatial = x[0, 0].numel()
     cpg = channels // num_groups
@@ -281,31 +282,76 @@ def parameter_grads(sums, weight, bias, scale):
     return d_weight, d_bias, d_scale, b
 
 
-class GroupNormAct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, silu, block_s):
-        if (weight is None) != (bias is None):
-            raise ValueError("weight and bias come together in the fused kernel: give both or neither")
-        x, _ = strided(x)
-        out = torch.empty_like(x)
-        if spatial_strides(out) != spatial_strides(x):  # x is a view with gaps (a slice of channels): pack it
-            x = x.contiguous()
-            out = torch.empty_like(x)
-        mean = torch.empty(x.shape[0] * num_groups, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
-        out = launch_forward(x, num_groups, weight, bias, scale, shift, eps, silu, out, mean, rstd, block_s)
-        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        ctx.num_groups, ctx.silu, ctx.block_s = num_groups, silu, block_s
-        return out
+# ---------------------------------------------------------------------------------------------
+# Custom ops: torch.compile sees one opaque op per call (no graph break, no tracing into the launches) and
+# fuses the code around it; autograd pairs the forward op with the backward op.
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        dout, _ = strided(dout, like=x)
-        dx = torch.empty_like(x)
-        sums = launch_backward(x, dout, ctx.num_groups, weight, bias, scale, shift, ctx.silu, mean, rstd, dx,
-                               ctx.block_s)
-        grads = parameter_grads(sums, weight, bias, scale)
-        d_weight, d_bias, d_scale, d_shift = (None if g is None or v is None else g.to(v.dtype)
-                                              for g, v in zip(grads, (weight, bias, scale, shift)))
-        return dx, d_weight, d_bias, d_scale, d_shift, None, None, None, None
+
+@torch.library.custom_op("diffusion_kernels::group_norm_act", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                shift: torch.Tensor | None, num_groups: int, eps: float, silu: bool,
+                block_s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, rstd) for an x already `packed`; block_s 0 picks the tile."""
+    mean, rstd = (torch.empty(x.shape[0] * num_groups, dtype=torch.float32, device=x.device) for _ in range(2))
+    out = launch_forward(x, num_groups, weight, bias, scale, shift, eps, silu, torch.empty_like(x), mean, rstd,
+                         block_s or None)
+    return out, mean, rstd
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, scale, shift, num_groups, eps, silu, block_s):
+    stats = x.new_empty((x.shape[0] * num_groups,), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("diffusion_kernels::group_norm_act_backward", mutates_args=())
+def _backward_op(x: torch.Tensor, dout: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 scale: torch.Tensor | None, shift: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                 num_groups: int, silu: bool, block_s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, per-(sample, channel) sums) for a dout with collapsible spatial strides."""
+    dx = torch.empty_like(x)
+    sums = launch_backward(x, dout, num_groups, weight, bias, scale, shift, silu, mean, rstd, dx, block_s or None)
+    return dx, sums
+
+
+@_backward_op.register_fake
+def _(x, dout, weight, bias, scale, shift, mean, rstd, num_groups, silu, block_s):
+    return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[1], 2), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, num_groups, _, silu, block_s = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.num_groups, ctx.silu, ctx.block_s = num_groups, silu, block_s
+
+
+def _backward(ctx, dout, _dmean, _drstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    dout, _ = strided(dout, like=x)
+    dx, sums = _backward_op(x, dout, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.silu, ctx.block_s)
+    grads = parameter_grads(sums, weight, bias, scale)
+    d_weight, d_bias, d_scale, d_shift = (None if g is None or v is None else g.to(v.dtype)
+                                          for g, v in zip(grads, (weight, bias, scale, shift)))
+    return dx, d_weight, d_bias, d_scale, d_shift, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_group_norm_act(x, weight, bias, scale, shift, num_groups, eps, silu, block_s=None):
+    """The Triton path of `group_norm_act` (arguments checked there)."""
+    if (weight is None) != (bias is None):
+        raise ValueError("weight and bias come together in the fused kernel: give both or neither")
+    weight, bias, scale, shift = (None if v is None else v.contiguous() for v in (weight, bias, scale, shift))
+    out, _, _ = _forward_op(packed(x), weight, bias, scale, shift, num_groups, eps, silu, block_s or 0)
+    return out
+
+
+def packed(x: torch.Tensor) -> torch.Tensor:
+    """x with collapsible spatial strides and no gaps (so an output like it has the same strides): as it is when
+    contiguous or channels_last, else copied."""
+    x, strides = strided(x)
+    if spatial_strides(torch.empty_like(x, device="meta")) != strides:  # a view with gaps (a slice of channels)
+        x = x.contiguous()
+    return x

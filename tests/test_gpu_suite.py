@@ -39,7 +39,7 @@ def test_the_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
             assert row["device"].startswith("CPU") and row["commit"] and row["date"], (name, row)
     contenders = {row["contender"] for row in csv.DictReader((out / "train_throughput.csv").open(newline=""))}
     assert contenders == {"trainer", "+train.channels_last=true", "+train.channels_last=true train.fused_norm=true",
-                          "+train.channels_last=true train.compile=true", "plain"}  # every switch off, each switch set, and the plain loop, in one run
+                          "+train.channels_last=true train.fused_norm=true train.compile=true", "plain"}  # every switch off, each switch set, and the plain loop, in one run
     assert {row["contender"] for row in csv.DictReader((out / "train_profile.csv").open(newline=""))} \
         == contenders - {"plain"}
 

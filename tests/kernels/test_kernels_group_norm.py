@@ -137,3 +137,32 @@ def test_bad_arguments_name_what_is_wrong():
         kernels.group_norm_act(x[:, :, 0, 0], 2)
     with pytest.raises(ValueError, match="weight and bias come together"):
         kernels.group_norm_act(x, 2, torch.ones(6, device=DEVICE), None, backend="triton")
+
+
+# on CPU only: the interpreter check of kernels.dispatch is behind functools.cache, which dynamo traces through
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_sees_one_opaque_op_per_norm_and_keeps_the_gradients(monkeypatch):
+    """train.compile with train.fused_norm: the UNet stays one graph (the kernel is a torch.library custom op, no
+    graph break), and autograd through the compiled graph gives the eager gradients. aot_eager runs the same
+    tracing (fake tensors, the registered backward) as inductor without its C++ build."""
+    from pipeline.models.unet import UNet, use_fused_norms
+
+    monkeypatch.setenv("DIFFUSION_KERNELS", "triton")
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, base_channels=8, channel_mult=(1, 1), image_size=8).to(DEVICE)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    use_fused_norms(model)
+    x, t = random_batch(2, (1, 8, 8), torch.float32, 70), torch.tensor([3, 700], device=DEVICE)
+    explained = torch._dynamo.explain(model)(x, t)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    results = []
+    for forward in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad()
+        out = forward(x, t)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager)
+    for mine, ref in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(mine, ref)
