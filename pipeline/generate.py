@@ -46,12 +46,13 @@ def generate(settings: GenerateSettings) -> Summary:
     inference = load_model(settings.checkpoint, str(device))
     precision = resolve_precision(settings.precision, device)
     sampling = settings.sampling_for(inference.config)
-    generator = {"model_hash": inference.model_hash, **sampling.record(), "precision": precision}
+    generator = {"model_hash": inference.model_hash, **sampling.record(), "precision": precision,
+                 **({"fused_norm": True} if settings.fused_norm else {})}  # absent when off: older specs still match
     spec = make_spec(inference, generator, settings.num_samples, settings.shard_size)
     claim_folder(out, spec)
     cuda_graph = device.type == "cuda" if settings.cuda_graph is None else settings.cuda_graph
     inference = fast_inference(inference, precision=precision, compile_model=settings.compile_model,
-                               cuda_graph=cuda_graph)
+                               cuda_graph=cuda_graph, fused_norm=settings.fused_norm)
     done = DoneRecords(out)
     done.refresh()
     mine = assigned_shards(total, settings.task_index, settings.num_tasks, rank, world_size)

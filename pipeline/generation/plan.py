@@ -93,8 +93,9 @@ SPEC_KEYS_THAT_MUST_MATCH = ("num_samples", "shard_size")
 
 
 def spec_differences(old: dict, new: dict) -> list[str]:
-    diffs = [f"{k}: folder has {old['generator'].get(k)!r}, this run asks for {v!r}"
-             for k, v in new["generator"].items() if old.get("generator", {}).get(k) != v]
+    before, now = old.get("generator", {}), new["generator"]
+    diffs = [f"{k}: folder has {before.get(k)!r}, this run asks for {now.get(k)!r}"
+             for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]  # either side's extra keys
     diffs += [f"{k}: folder has {old.get(k)!r}, this run asks for {new[k]!r}"
               for k in SPEC_KEYS_THAT_MUST_MATCH if old.get(k) != new[k]]
     return diffs

@@ -133,11 +133,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def fast_inference(inference, *, precision: str, cuda_graph: bool, compile_model: bool):
-    """The Inference with its model wrapped for speed (same weights: the export's EMA weights)."""
+def fast_inference(inference, *, precision: str, cuda_graph: bool, compile_model: bool, fused_norm: bool = False):
+    """The Inference with its model wrapped for speed (same weights: the export's EMA weights). `fused_norm`
+    switches the model's own norms in place."""
+    from pipeline.models.unet import use_fused_norms
+
     device = next(inference.model.parameters()).device
     if cuda_graph and device.type != "cuda":
         raise GenerateError(f"--cuda-graph needs a CUDA device, the model is on {device}")
+    if fused_norm and not use_fused_norms(inference.model):
+        raise GenerateError(f"--fused-norm: this model ({inference.config.model.network}) has no GroupNorm layers")
     model = torch.compile(inference.model) if compile_model else inference.model
     wrapped = FastDenoiser(model, bf16=precision == "bf16", channels_last=device.type == "cuda",
                            cuda_graph=cuda_graph)

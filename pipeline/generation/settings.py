@@ -184,6 +184,8 @@ class GenerateSettings(SamplerSettings):
     cuda_graph: Optional[bool] = flag("replay the model forward as a captured CUDA graph (default: on with CUDA)",
                                       None, action=argparse.BooleanOptionalAction)
     compile_model: bool = flag("torch.compile the model first (slower start)", False, flag="--compile")
+    fused_norm: bool = flag("the UNet's GroupNorm + scale-shift + SiLU as one Triton kernel (CUDA; its images differ "
+                            "from the unfused ones in the last bits, so the data set's spec records it)", False)
     verify: bool = flag("check the sha256 of finished shards and regenerate those that differ", False)
     progress: bool = flag("hide the progress bar", True, flag="--no-progress", action="store_false")
 

@@ -122,6 +122,22 @@ def test_tasks_starting_at_once_all_claim_the_same_folder(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["done", SPEC_NAME]
 
 
+def test_fused_norm_is_recorded_in_the_spec_and_a_rerun_without_it_is_refused(uncond_run, tmp_path, capsys):
+    """`generate --fused-norm` (on CPU the norms' torch ops run either way: the same images) records the switch,
+    since on a GPU it moves the last bits; continuing that data set without it would mix two generators."""
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    assert generate(uncond_run, plain, 8, "--batch-size", "4") == 0
+    assert generate(uncond_run, fused, 8, "--batch-size", "4", "--fused-norm") == 0
+    assert shard_bytes(fused) != {} and [s["image"].tobytes() for s in read_samples(fused)] == \
+        [s["image"].tobytes() for s in read_samples(plain)]
+    assert manifest(fused)["generator"]["fused_norm"] is True and "fused_norm" not in manifest(plain)["generator"]
+    capsys.readouterr()
+    assert generate(uncond_run, fused, 8, "--batch-size", "4") != 0
+    err = capsys.readouterr().err
+    assert "holds samples generated with other settings" in err and "fused_norm" in err, err
+    assert len(shard_bytes(fused)) == len(shard_bytes(plain))  # nothing written
+
+
 def test_compiled_model_draws_the_same_images_on_cpu(uncond_run, tmp_path):
     """`generate --compile` (torch.compile of the model) must also work on CPU, and change speed, not images."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
