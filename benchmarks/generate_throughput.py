@@ -7,7 +7,8 @@ Rows (the `path` column):
   eager           the model as trained (fp32), the plain-torch sampler update
   fused           + the fused Triton sampler-update kernel (CUDA only)
   bf16+cl         + bf16 autocast and channels_last (CUDA only)
-  bf16+cl+graph   + the model forward replayed as a CUDA graph (CUDA only): what `generate` does by default
+  bf16+cl+norm    + the fused GroupNorm + scale-shift + SiLU kernel (`generate --fused-norm`; CUDA only)
+  bf16+cl+graph   bf16+cl + the model forward replayed as a CUDA graph (CUDA only): what `generate` does by default
   +compile        + torch.compile of the model (`generate --compile`; with --compile here)
   end-to-end      the whole `generate` command (sampling + PNG + tar + manifest) with its default speed path
 Weights are random (speed does not depend on them); the end-to-end row writes them as a real export first.
@@ -39,10 +40,11 @@ from pipeline.flops import flops_per_image, matmul_tflops, peak_tflops  # noqa: 
 from benchmarks.timing import append_csv, run_stamp  # noqa: E402
 
 SAMPLERS = (("ddim", 50), ("dpmpp", 20))
-# (name, precision, cuda graph, sampler-update backend, torch.compile); each builds on the one before it.
-PATHS = (("eager", "fp32", False, "torch", False), ("fused", "fp32", False, "auto", False),
-         ("bf16+cl", "bf16", False, "auto", False), ("bf16+cl+graph", "bf16", True, "auto", False),
-         ("+compile", "bf16", True, "auto", True))
+# (name, precision, cuda graph, sampler-update backend, torch.compile, fused norm); each builds on the one before
+# it, but for bf16+cl+norm: the graph rows keep `generate`'s defaults (unfused norms)
+PATHS = (("eager", "fp32", False, "torch", False, False), ("fused", "fp32", False, "auto", False, False),
+         ("bf16+cl", "bf16", False, "auto", False, False), ("bf16+cl+norm", "bf16", False, "auto", False, True),
+         ("bf16+cl+graph", "bf16", True, "auto", False, False), ("+compile", "bf16", True, "auto", True, False))
 
 
 def synchronize(device: torch.device) -> None:
@@ -125,10 +127,11 @@ def main() -> int:
     print(f"{forward_flops / 1e9:.3g} GFLOP/image per forward; matmul measured {matmul:.3g} TFLOP/s"
           + (f", data-sheet bf16 peak {peak} TFLOP/s" if peak else ""))
     for sampler, steps in SAMPLERS:
-        for name, precision, graph, backend, compiled in paths_for(device, args.compile):
+        for name, precision, graph, backend, compiled, fused_norm in paths_for(device, args.compile):
             os.environ["DIFFUSION_KERNELS"] = backend  # read by kernels.dispatch at every call
             fresh = dataclasses_replace(base, model=copy.deepcopy(model))  # channels_last converts in place
-            inference = fast_inference(fresh, precision=precision, cuda_graph=graph, compile_model=compiled)
+            inference = fast_inference(fresh, precision=precision, cuda_graph=graph, compile_model=compiled,
+                                       fused_norm=fused_norm)
             rate = images_per_second(inference, sampler, steps, args.num, args.batch_size, device)
             rows.append((sampler, steps, name, rate))
             print(f"{sampler:6s} {steps:3d} steps  {name:14s} {rate:10.1f} images/s  {utilisation(rate, steps)}",
@@ -153,11 +156,12 @@ def profile_forwards(base, model, config, args, device, forward_flops: float) ->
     x = torch.randn(args.batch_size, config.data.channels, *config.data.image_size, device=device)
     t = torch.full((args.batch_size,), config.diffusion.timesteps // 2, device=device)
     rows, stamp = [], run_stamp(device)
-    for name, precision, graph, backend, compiled in paths_for(device, args.compile):
+    for name, precision, graph, backend, compiled, fused_norm in paths_for(device, args.compile):
         if graph:
             continue
         fresh = dataclasses_replace(base, model=copy.deepcopy(model))
-        denoiser = fast_inference(fresh, precision=precision, cuda_graph=False, compile_model=compiled).model
+        denoiser = fast_inference(fresh, precision=precision, cuda_graph=False, compile_model=compiled,
+                                  fused_norm=fused_norm).model
         with torch.no_grad():
             denoiser(x, t)  # warm-up: cuDNN autotuning, lazy initialisation
             parts, wall = breakdown(lambda: denoiser(x, t), device, steps=5)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _checks
-from ._tiling import cdiv, next_pow2, warps_for
+from ._tiling import next_pow2, warps_for
 from .dispatch import choose_backend, interpreter_active
 
 DEFAULT_EPS = 1e-5  # nn.GroupNorm's

@@ -99,6 +99,22 @@ def test_public_op_keeps_the_layout_and_matches_autograd_of_the_reference(layout
         assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_mixed_dtypes_as_under_autocast():
+    """bf16 activations and modulation (a convolution's and a linear layer's autocast outputs) with the module's
+    float32 weight and bias: a bf16 output, each gradient in its input's dtype."""
+    x, weight, bias, scale, shift = inputs((2, 8, 4, 4), 2, torch.bfloat16, 80)
+    weight, bias = weight.float(), bias.float()
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, scale, shift)]
+    out = kernels.group_norm_act(leaves[0], 2, *leaves[1:3], 1e-5, *leaves[3:], backend="triton")
+    dout = random_batch(2, (8, 4, 4), torch.bfloat16, 85)
+    grads = torch.autograd.grad(out, leaves, dout)
+    assert out.dtype == torch.bfloat16 and [g.dtype for g in grads] == [t.dtype for t in leaves]
+    ref_out, ref_grads = float_reference(x, 2, weight, bias, scale, shift, True, dout)
+    torch.testing.assert_close(out.float(), ref_out.to(torch.bfloat16).float(), **tolerance(torch.bfloat16))
+    for mine, ref in zip(grads, ref_grads):
+        assert_close_scaled(mine, ref, torch.bfloat16)
+
+
 def test_a_unet_with_fused_norms_matches_the_unfused_one(monkeypatch):
     """The switch the trainer sets (train.fused_norm): same outputs and gradients, the same parameter names."""
     from pipeline.models.unet import UNet, use_fused_norms
