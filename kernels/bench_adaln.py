@@ -37,6 +37,17 @@ def thunk(fn, inputs, dout, backward: bool):
     return lambda: fn(*inputs)
 
 
+def fused_eager_compiled_ms(fused, reference, inputs, dout, backward: bool, compiled: dict | None, key: str):
+    """Median ms of the fused op, the eager reference and (unless `compiled` is None: NaN) the reference under
+    torch.compile, compiled once per `key` into `compiled`."""
+    t_fused = median_ms(thunk(fused, inputs, dout, backward))
+    t_eager = median_ms(thunk(reference, inputs, dout, backward))
+    if compiled is None:
+        return t_fused, t_eager, float("nan")
+    compiled.setdefault(key, torch.compile(reference, dynamic=True))
+    return t_fused, t_eager, median_ms(thunk(compiled[key], inputs, dout, backward))
+
+
 def run(sizes_m, dtypes, hidden: int, with_compile: bool, csv: str | None = None) -> list[dict]:
     """Rows of every op, dtype and size; each size's rows are appended to the CSV as soon as they are measured."""
     device = device_name()
@@ -57,12 +68,8 @@ def run(sizes_m, dtypes, hidden: int, with_compile: bool, csv: str | None = None
                 inputs, bytes_per = [tensors[n] for n in names], bwd_bytes if backward else fwd_bytes
                 name = f"{op}_fwd_bwd" if backward else f"{op}_fwd"
                 fused = lambda *a, public=public: public(*a, backend="triton")
-                t_fused = median_ms(thunk(fused, inputs, dout, backward))
-                t_eager = median_ms(thunk(reference, inputs, dout, backward))
-                t_compiled = float("nan")
-                if with_compile:
-                    compiled.setdefault(op, torch.compile(reference, dynamic=True))
-                    t_compiled = median_ms(thunk(compiled[op], inputs, dout, backward))
+                t_fused, t_eager, t_compiled = fused_eager_compiled_ms(
+                    fused, reference, inputs, dout, backward, compiled if with_compile else None, op)
                 gbs = bytes_per * numel * elem / t_fused / 1e6
                 rows.append(dict(device=device, op=name, dtype=str(dtype).replace("torch.", ""), elements=numel,
                                  hidden=hidden, fused_ms=t_fused, eager_ms=t_eager, compile_ms=t_compiled,

@@ -21,8 +21,8 @@ import sys
 import torch
 
 import kernels
-from kernels.bench import DEVICE, copy_ms, device_name, median_ms, runs_here, write_results
-from kernels.bench_adaln import format_row, thunk
+from kernels.bench import DEVICE, copy_ms, device_name, runs_here, write_results
+from kernels.bench_adaln import format_row, fused_eager_compiled_ms
 from kernels.group_norm import group_norm_act_reference
 
 OPS = ("gn_mod_silu", "gn_silu")
@@ -72,12 +72,8 @@ def run(sizes_m, dtypes, channels: int, resolution: int, groups: int, with_compi
             elem = dout.element_size()
             for op, backward in itertools.product(OPS, (False, True)):
                 fused, reference, inputs = op_and_inputs(op, groups, tensors)
-                t_fused = median_ms(thunk(fused, inputs, dout, backward))
-                t_eager = median_ms(thunk(reference, inputs, dout, backward))
-                t_compiled = float("nan")
-                if with_compile:
-                    compiled.setdefault(op, torch.compile(reference, dynamic=True))
-                    t_compiled = median_ms(thunk(compiled[op], inputs, dout, backward))
+                t_fused, t_eager, t_compiled = fused_eager_compiled_ms(
+                    fused, reference, inputs, dout, backward, compiled if with_compile else None, op)
                 gbs = (5 if backward else 2) * numel * elem / t_fused / 1e6
                 rows.append(dict(device=device, op=f"{op}_fwd_bwd" if backward else f"{op}_fwd", layout=layout,
                                  dtype=str(dtype).replace("torch.", ""), elements=numel, channels=channels,

@@ -142,15 +142,19 @@ def _group_norm_act_fwd_kernel(x_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr
 
 
 @triton.jit
-def _dz(x, dout, mean, rstd, k, m, SILU: tl.constexpr):
-    """xhat and the gradient at the modulated norm's output (before SiLU), float32 tiles."""
-    xhat = (x - mean) * rstd
-    dz = dout
+def _backward_tile(x_group, dout_group, start, CPG, S, x_sc, x_ss, d_sc, d_ss, mean, rstd, k, m,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SILU: tl.constexpr):
+    """One tile from `start`: x's offsets and mask, xhat, and the gradient dz at the modulated norm's output
+    (before SiLU; zero outside the mask), float32."""
+    x_off, mask = _group_tile(start, CPG, S, x_sc, x_ss, BLOCK_C, BLOCK_S)
+    d_off, _ = _group_tile(start, CPG, S, d_sc, d_ss, BLOCK_C, BLOCK_S)
+    xhat = (tl.load(x_group + x_off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    dz = tl.load(dout_group + d_off, mask=mask, other=0.0).to(tl.float32)
     if SILU:
         u = xhat * k[:, None] + m[:, None]
         sig = tl.sigmoid(u)
-        dz = dout * sig * (1.0 + u * (1.0 - sig))
-    return xhat, dz
+        dz = dz * sig * (1.0 + u * (1.0 - sig))
+    return x_off, mask, xhat, dz
 
 
 @triton.jit
@@ -168,12 +172,8 @@ def _group_norm_act_bwd_kernel(x_ptr, dout_ptr, weight_ptr, bias_ptr, scale_ptr,
     dz_xhat = tl.zeros([BLOCK_C], tl.float32)
     dz_sum = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, S, BLOCK_S):
-        x_off, mask = _group_tile(start, CPG, S, x_sc, x_ss, BLOCK_C, BLOCK_S)
-        d_off, _ = _group_tile(start, CPG, S, d_sc, d_ss, BLOCK_C, BLOCK_S)
-        x = tl.load(x_ptr + x_base + x_off, mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + d_base + d_off, mask=mask, other=0.0).to(tl.float32)
-        xhat, dz = _dz(x, dout, mean, rstd, k, m, SILU)
-        dz = tl.where(mask, dz, 0.0)
+        _, _, xhat, dz = _backward_tile(x_ptr + x_base, dout_ptr + d_base, start, CPG, S, x_sc, x_ss, d_sc, d_ss,
+                                        mean, rstd, k, m, BLOCK_C, BLOCK_S, SILU)
         dz_xhat += tl.sum(dz * xhat, 1)
         dz_sum += tl.sum(dz, 1)
     # d xhat = dz * k; dx = rstd * (d xhat - mean(d xhat) - xhat * mean(d xhat * xhat)) over the group
@@ -181,11 +181,8 @@ def _group_norm_act_bwd_kernel(x_ptr, dout_ptr, weight_ptr, bias_ptr, scale_ptr,
     mean_dxhat = tl.sum(dz_sum * k, 0) / n
     mean_dxhat_xhat = tl.sum(dz_xhat * k, 0) / n
     for start in range(0, S, BLOCK_S):
-        x_off, mask = _group_tile(start, CPG, S, x_sc, x_ss, BLOCK_C, BLOCK_S)
-        d_off, _ = _group_tile(start, CPG, S, d_sc, d_ss, BLOCK_C, BLOCK_S)
-        x = tl.load(x_ptr + x_base + x_off, mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + d_base + d_off, mask=mask, other=0.0).to(tl.float32)
-        xhat, dz = _dz(x, dout, mean, rstd, k, m, SILU)
+        x_off, mask, xhat, dz = _backward_tile(x_ptr + x_base, dout_ptr + d_base, start, CPG, S, x_sc, x_ss, d_sc,
+                                               d_ss, mean, rstd, k, m, BLOCK_C, BLOCK_S, SILU)
         dx = (dz * k[:, None] - mean_dxhat - xhat * mean_dxhat_xhat) * rstd
         tl.store(dx_ptr + x_base + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     chans = g * CPG + tl.arange(0, BLOCK_C)
