@@ -4,9 +4,9 @@
         = SiLU((GroupNorm(x, G) * weight + bias) * (1 + scale) + shift)
 x: (B, C, *spatial), contiguous or channels_last; weight, bias: (C,) or None; scale, shift: (B, C) or None (one
 vector per sample, from the timestep embedding: improved DDPM's scale-shift norm); silu may be off (the
-attention block's norm). Eager torch runs this as 5-7 passes over the activations (statistics, normalise,
-multiply, add, SiLU, and as many again backward); here it is one read for the statistics and one read + one
-write for the output (backward: two reads of x and dout, one write of dx). Arithmetic is float32 (statistics
+attention block's norm). Eager torch runs this as 5 kernels that read or write the whole tensor 9 times forward
+and 13 times backward (statistics, normalise, multiply, add, SiLU; kernels/NOTES.md); here it is one read for the
+statistics and one read + one write for the output (backward: two reads of x and dout, one write of dx). Arithmetic is float32 (statistics
 too: biased variance, eps inside the sqrt, as torch.nn.functional.group_norm); outputs have x's dtype. The torch
 reference below is the specification and the CPU path.
 

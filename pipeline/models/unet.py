@@ -41,7 +41,8 @@ class GroupNormAct(nn.GroupNorm):
     """nn.GroupNorm (the same parameters, so the same checkpoints), then the per-sample modulation
     h * (1 + scale) + shift when given, then SiLU when `silu`. With `fused` set (train.fused_norm,
     `use_fused_norms`) all three run as one kernel (`kernels.group_norm`: Triton on CUDA; on CPU the same torch
-    ops either way), which saves 4-6 passes over the activations forward and backward."""
+    ops either way): forward + backward, 8 full-tensor reads/writes instead of eager torch's 22 for a modulated norm
+    and 13 for norm + SiLU (kernels/NOTES.md)."""
 
     def __init__(self, channels: int, silu: bool = False):
         super().__init__(num_groups(channels), channels)

@@ -25,7 +25,7 @@ def test_compiled_channels_last_training_matches_eager(tmp_path, digits_shards, 
     assert_same_weights(eager_ema, fast_ema, atol=1e-4)
 
 
-def test_fused_norm_switch_reaches_every_norm_and_trains_the_same(tmp_path, digits_shards, monkeypatch):
+def test_fused_norm_switch_reaches_the_norms_and_trains_the_same(tmp_path, digits_shards, monkeypatch):
     """train.fused_norm with the kernels in Triton's interpreter (on CPU the switch alone keeps the torch ops):
     the weights differ (float32 sums in another order: the kernel really ran) by float rounding only."""
     monkeypatch.setenv("DIFFUSION_KERNELS", "triton")
